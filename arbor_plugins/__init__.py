@@ -1,0 +1,30 @@
+"""The arbor plugin contract: hook specifications, the ``hookimpl`` marker,
+component base classes and the component registry.
+
+A plugin imports only this package::
+
+    import arbor_plugins
+
+    @arbor_plugins.hookimpl
+    def arbor_register(registry):
+        registry.register("substrate", "my-substrate", MySubstrate())
+"""
+
+from arbor_plugins.components import AttentionBackend, Component, NoSettings, RopeScaling, Substrate
+from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
+from arbor_plugins.registry import KINDS, ComponentConflictError, Registry, UnknownComponentError
+
+__all__ = [
+    "KINDS",
+    "PROJECT_NAME",
+    "AttentionBackend",
+    "Component",
+    "ComponentConflictError",
+    "NoSettings",
+    "Registry",
+    "RopeScaling",
+    "Substrate",
+    "UnknownComponentError",
+    "hookimpl",
+    "hookspec",
+]

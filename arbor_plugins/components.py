@@ -1,0 +1,83 @@
+"""What each kind of component must provide.
+
+These are small base classes rather than bare protocols so a plugin author can
+subclass one and fill in only what differs; arbor checks the attributes, not
+the ancestry, so duck-typed components work too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    import torch
+    from torch import nn
+
+
+class NoSettings(BaseModel):
+    """Settings model of a component that takes none: any key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component:
+    """Common ground: a one-line description and a pydantic settings model."""
+
+    #: Shown by ``arbor plugins``.
+    description: ClassVar[str] = ""
+    #: Validates the component's table in ``plugins.toml`` (and ``substrate_settings``).
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+
+    @classmethod
+    def validate_settings(cls, settings: dict[str, Any] | None) -> BaseModel:
+        return cls.Settings.model_validate(settings or {})
+
+
+class Substrate(Component):
+    """Turns token ids into the model's input vectors.
+
+    ``build`` returns the module installed as ``model.embed_tokens``. It is
+    called with ``input_ids`` of shape ``(batch, seq)`` and returns
+    ``(batch, seq, hidden_size)``. It must expose ``weight``: a
+    ``(vocab_size, hidden_size)`` tensor (a parameter for trainable substrates,
+    a buffer for frozen ones) so that the export can write it as an ordinary
+    embedding matrix and tied heads can share it.
+    """
+
+    #: A frozen substrate has no trainable parameters and never gets gradients.
+    frozen: ClassVar[bool] = False
+
+    def build(self, config: Any, settings: BaseModel) -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class AttentionBackend(Component):
+    """An attention kernel reachable through transformers' attention interface.
+
+    ``implementation`` is the key of ``transformers.AttentionInterface`` that
+    runs it (``"eager"``, ``"sdpa"``, ``"flex_attention"``,
+    ``"flash_attention_2"``, or a key the plugin registered there itself).
+    """
+
+    implementation: ClassVar[str] = "eager"
+
+    def is_available(self) -> tuple[bool, str]:
+        """Whether it can run here, and if not, why (shown to the user)."""
+        return True, ""
+
+
+class RopeScaling(Component):
+    """A named way to change RoPE parameters before the tables are built."""
+
+    def apply(self, rope_parameters: dict[str, Any], settings: BaseModel) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def embedding_matrix(module: nn.Module) -> torch.Tensor:
+    """The ``(vocab, hidden)`` matrix a substrate module stands for."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise TypeError(f"substrate module {type(module).__name__} has no 'weight' tensor")
+    return weight
