@@ -1,0 +1,370 @@
+"""The arbor model: a Llama-class decoder whose sizes may differ per layer.
+
+Read top to bottom: norm, rotary embedding, MLP, attention, block, model, LM.
+Parameter names follow the Llama layout exactly (``model.embed_tokens``,
+``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_proj``, ...), so
+peft targets, weight tools and the Llama export speak the same names.
+
+What transformers already maintains is reused rather than rewritten: the
+attention function interface (eager, sdpa, flex, flash), mask creation, RoPE
+init functions, ``DynamicCache``, ``GenerationMixin`` and the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from arbor.config import ArborConfig
+
+
+class ArborRMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in float32 like Llama's."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class ArborRotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's rotary tables, built after plugins may have changed the RoPE parameters.
+
+    The ``arbor_rope_config`` hook sees a copy of ``config.rope_parameters``;
+    what it returns is used for the tables of this module only, so the saved
+    config keeps describing the model as the user configured it.
+    """
+
+    def __init__(self, config: ArborConfig):
+        from arbor.plugins import call_hook
+
+        changed = call_hook("arbor_rope_config", config=config, rope_parameters=copy.deepcopy(config.rope_parameters))
+        if changed is not None:
+            config = copy.copy(config)
+            config.rope_parameters = dict(changed)
+            config.standardize_rope_params()
+        super().__init__(config)
+
+
+class ArborMLP(nn.Module):
+    """SwiGLU feed-forward block: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ArborConfig, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ArborAttention(nn.Module):
+    """Grouped-query attention with this layer's own head counts.
+
+    The kernel is whatever ``config._attn_implementation`` names in
+    transformers' attention interface, so every backend transformers supports
+    (and every one a plugin adds there) runs unchanged.
+    """
+
+    def __init__(self, config: ArborConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.layer_num_attention_heads[layer_idx]
+        self.num_key_value_heads = config.layer_num_key_value_heads[layer_idx]
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class ArborDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ArborConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ArborAttention(config, layer_idx)
+        self.mlp = ArborMLP(config, config.layer_intermediate_sizes[layer_idx])
+        self.input_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class ArborPreTrainedModel(PreTrainedModel):
+    config_class = ArborConfig
+    config: ArborConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ArborDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": ArborDecoderLayer, "attentions": ArborAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Substrates other than a plain embedding initialise themselves.
+        reset = getattr(module, "reset_substrate", None)
+        if callable(reset):
+            reset()
+
+
+def build_substrate(config: ArborConfig) -> nn.Module:
+    """The embedding module of the substrate ``config.substrate`` names."""
+    from arbor.plugins import get_registry
+
+    component = get_registry().get("substrate", config.substrate)
+    settings = component.validate_settings(config.substrate_settings)
+    return component.build(config, settings)
+
+
+class ArborModel(ArborPreTrainedModel):
+    """The decoder stack without the LM head."""
+
+    def __init__(self, config: ArborConfig):
+        super().__init__(config)
+        self.embed_tokens = build_substrate(config)
+        self.layers = nn.ModuleList(ArborDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ArborRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        #: Collect activation statistics every this many training forwards (0: never).
+        self.stats_interval = 0
+        #: Training forwards seen so far; the ``step`` passed to the stats hook.
+        self.stats_step = 0
+        self.post_init()
+
+    def _stats_hook(self) -> Callable | None:
+        """The stats hook caller if this forward collects statistics, else None."""
+        if not (self.training and self.stats_interval > 0):
+            return None
+        step = self.stats_step
+        self.stats_step += 1
+        if step % self.stats_interval:
+            return None
+        from arbor.plugins import get_plugin_manager, has_hook_impls
+
+        if not has_hook_impls("arbor_pre_forward_stats"):
+            return None
+        hook = get_plugin_manager().hook.arbor_pre_forward_stats
+        return lambda i, h: hook(model=self, layer_idx=i, hidden_states=h.detach(), step=step)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        stats = self._stats_hook()
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            if stats is not None:
+                stats(layer_idx, hidden_states)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class ArborForCausalLM(ArborPreTrainedModel, GenerationMixin):
+    """`ArborModel` with a language-modelling head; ``labels`` give the shifted loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ArborConfig):
+        super().__init__(config)
+        self.model = ArborModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # Only the positions asked for go through the (vocab-sized) head.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # Statistics collection lives on the decoder; these make it reachable from the LM.
+    @property
+    def stats_interval(self) -> int:
+        return self.model.stats_interval
+
+    @stats_interval.setter
+    def stats_interval(self, value: int) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"stats_interval={value!r} is invalid: must be an integer >= 0 (0 switches it off)")
+        self.model.stats_interval = value
+
+
+def count_parameters(config: ArborConfig) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = ArborForCausalLM(config)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already skips tied duplicates
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
