@@ -13,6 +13,7 @@ init functions, ``DynamicCache``, ``GenerationMixin`` and the loss.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import torch
@@ -200,6 +201,20 @@ class ArborPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": ArborDecoderLayer, "attentions": ArborAttention}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As in transformers, but a local checkpoint whose tensors do not fit its
+        config fails with an error naming the tensor and both shapes."""
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and not kwargs.get("ignore_mismatched_sizes"):
+            from arbor.checkpoint import check_checkpoint_shapes
+
+            config = kwargs.get("config")
+            if not isinstance(config, ArborConfig):
+                config = ArborConfig.from_pretrained(path)
+            check_checkpoint_shapes(path, cls, config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
