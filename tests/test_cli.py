@@ -1,0 +1,156 @@
+"""The ``arbor`` command line, run in-process through ``main`` and once as a real program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from arbor.cli import COMMANDS, main
+from arbor.config import PRESETS, ArborConfig
+from arbor.modeling import ArborForCausalLM, count_parameters
+from arbor.plugins import reset_plugins
+from test_plugins import REGISTERING_PLUGIN, make_dist
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No plugins.toml from the repository, no plugin environment, fresh plugin state."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ARBOR_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("ARBOR_STRICT_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+@pytest.fixture
+def fake_site(tmp_path, monkeypatch):
+    """An installed third-party plugin ``fakeplug`` registering attention backend ``fake-attn``."""
+    import importlib
+
+    root = tmp_path / "site"
+    root.mkdir()
+    module = make_dist(root, "fakeplug", REGISTERING_PLUGIN.format(name="fake-attn"))
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    reset_plugins()
+    yield root
+    sys.modules.pop(module, None)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, out, err, *fragments):
+    assert code == 2
+    assert err.startswith("arbor: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+    for fragment in fragments:
+        assert fragment in err
+
+
+@pytest.mark.parametrize("argv", [[], *([name] for name in COMMANDS)])
+def test_help_everywhere(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: arbor" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("arbor 0.1")
+
+
+def test_plugins_lists_builtin_backends(capsys):
+    code, out, err = run(capsys, "plugins")
+    assert code == 0, err
+    assert "arbor-lm (attention)" in out
+    for backend in ("eager", "sdpa", "flex", "flash-attn"):
+        assert f"attention_backend:{backend}" in out
+
+
+def test_plugins_json_lists_third_party(capsys, fake_site):
+    code, out, _ = run(capsys, "plugins", "--json")
+    assert code == 0
+    infos = {i["distribution"]: i for i in json.loads(out) if not i["builtin"]}
+    assert infos["fakeplug"]["version"] == "0.1"
+    assert infos["fakeplug"]["components"] == [{"kind": "attention_backend", "name": "fake-attn"}]
+
+
+def test_plugins_json_in_a_subprocess(fake_site):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_site), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ARBOR_LOAD_PLUGINS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "arbor.cli", "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fakeplug" in {i["distribution"] for i in json.loads(proc.stdout)}
+
+
+def test_plugins_shows_failed_plugin(capsys, fake_site):
+    (fake_site / "fakeplug_mod.py").write_text("raise ImportError('needs libfoo')\n")
+    with pytest.warns(UserWarning, match="fakeplug"):
+        code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    assert "FAILED" in out and "ImportError: needs libfoo" in out
+
+
+def test_plugins_checks_plugins_toml(capsys, tmp_path):
+    (tmp_path / "plugins.toml").write_text('[attention_backend]\nname = "eager"\n')
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0 and "plugins.toml: ok" in out and "attention_backend = eager" in out
+
+    other = tmp_path / "other.toml"
+    other.write_text('[attention_backend]\nname = "fast"\n')
+    code, out, err = run(capsys, "plugins", "--plugins", str(other))
+    assert_usage_error(code, out, err, "other.toml", "'fast'", "valid names", "'sdpa'")
+
+
+def test_plugins_missing_file(capsys):
+    assert_usage_error(*run(capsys, "plugins", "--plugins", "missing.toml"), "missing.toml")
+
+
+def test_presets_table(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    for name in PRESETS:
+        assert name in out
+    assert f"{count_parameters(ArborConfig.from_preset('tiny')):,}" in out
+
+
+def test_presets_json_counts_are_true(capsys):
+    code, out, _ = run(capsys, "presets", "tiny", "--json")
+    assert code == 0
+    (record,) = json.loads(out)
+    config = ArborConfig.from_preset("tiny")
+    model = ArborForCausalLM(config)  # tiny: the real model is cheap enough to count
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert (record["layers"], record["hidden_size"], record["heads"], record["kv_heads"]) == (2, 64, 4, 2)
+    assert (record["ffn"], record["vocab"], record["positions"]) == (128, 512, 512)
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["presets", "nope"], ["unknown preset 'nope'", "tiny"]),
+        (["presets", "--bogus"], ["unrecognized arguments: --bogus", "arbor presets --help"]),
+        (["frobnicate"], ["invalid choice"]),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, fragments):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors exit from inside parse_args
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert_usage_error(code, out, err, *fragments)

@@ -1,0 +1,349 @@
+"""The plugin manager, the registry it builds, attention backends and plugins.toml.
+
+Third-party plugins are real distributions written to a temporary directory
+(a ``*.dist-info`` folder with ``entry_points.txt`` next to the module), so the
+entry-point path under test is the one ``pip install`` would create.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+import arbor_plugins
+from arbor import attention
+from arbor.plugins import (
+    ArborPluginWarning,
+    PluginLoadError,
+    call_hook,
+    get_plugin_manager,
+    get_registry,
+    has_hook_impls,
+    plugin_infos,
+    reset_plugins,
+)
+from arbor.plugins_toml import PluginsConfigError, load_plugins_toml
+from arbor_plugins import ComponentConflictError
+from arbor_plugins.settings import PluginsFileError, parse_plugins_toml
+
+REGISTERING_PLUGIN = """
+import arbor_plugins
+
+class Backend(arbor_plugins.AttentionBackend):
+    implementation = "sdpa"
+
+@arbor_plugins.hookimpl
+def arbor_register(registry):
+    registry.register("attention_backend", {name!r}, Backend())
+"""
+
+
+def make_dist(root, dist, code, *, module=None, entry_point=None, version="0.1"):
+    """Write an installed distribution ``dist`` whose ``arbor`` entry point names ``module``."""
+    module = module or f"{dist.replace('-', '_')}_mod"
+    entry_point = entry_point or dist
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[arbor]\n{entry_point} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(code))
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins(monkeypatch):
+    """Every test starts and ends with no cached plugins and default environment."""
+    monkeypatch.delenv("ARBOR_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("ARBOR_STRICT_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A directory on sys.path to install fake plugin distributions into."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    written: list[str] = []
+
+    def install(dist, code, **kw):
+        written.append(make_dist(root, dist, code, **kw))
+        importlib.invalidate_caches()
+        reset_plugins()
+        return root
+
+    yield install
+    for module in written:  # the same module name may be reused by the next test
+        sys.modules.pop(module, None)
+
+
+def names(kind="attention_backend"):
+    return get_registry().names(kind)
+
+
+# ---------------------------------------------------------------- built-ins
+def test_builtins_load_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = get_registry()
+    assert {"eager", "sdpa", "flex", "flash-attn"} <= set(reg.names("attention_backend"))
+    assert "learned" in reg.names("substrate")
+    infos = {i["entry_point"]: i for i in plugin_infos() if i["builtin"]}
+    assert infos["attention"]["distribution"] == "arbor-lm"
+    assert infos["attention"]["hooks"] == ["arbor_register"]
+    assert {"kind": "attention_backend", "name": "sdpa"} in infos["attention"]["components"]
+    # Several entry points in one distribution: each is named after its entry point.
+    assert next(reg.entries("attention_backend")).plugin == "arbor-lm (attention)"
+
+
+def test_resolve_attn_implementation():
+    assert attention.resolve_attn_implementation(None) is None
+    assert attention.resolve_attn_implementation("flex") == "flex_attention"
+    assert attention.resolve_attn_implementation("flex_attention") == "flex_attention"
+    assert attention.resolve_attn_implementation("eager") == "eager"
+    assert attention.resolve_attn_implementation("sdpa") == "sdpa"
+    with pytest.raises(ValueError, match=r"attn_implementation='flsh'.*valid names:.*flash-attn.*sdpa"):
+        attention.resolve_attn_implementation("flsh")
+
+
+def test_resolve_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.setattr(attention.FlashAttention2, "is_available", lambda self: (False, "no flash_attn here"))
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2'.*no flash_attn here"):
+        attention.resolve_attn_implementation("flash_attention_2")
+
+
+def test_hook_helpers():
+    assert has_hook_impls("arbor_register")
+    assert not has_hook_impls("arbor_pre_forward_stats")
+    assert call_hook("arbor_rope_config", config=None, rope_parameters={}) is None
+    with pytest.raises(ValueError, match="unknown hook 'arbor_nope'.*arbor_register"):
+        has_hook_impls("arbor_nope")
+
+
+# --------------------------------------------------------- third-party plugins
+def test_third_party_plugin_registers_and_is_listed(site):
+    site("fakeplug", REGISTERING_PLUGIN.format(name="fake-attn"))
+    assert "fake-attn" in names()
+    (info,) = [i for i in plugin_infos() if i["distribution"] == "fakeplug"]
+    assert info == {
+        "distribution": "fakeplug",
+        "version": "0.1",
+        "entry_point": "fakeplug",
+        "module": "fakeplug_mod",
+        "hooks": ["arbor_register"],
+        "components": [{"kind": "attention_backend", "name": "fake-attn"}],
+        "builtin": False,
+    }
+    # A plugin's backend resolves like a built-in one.
+    assert attention.resolve_attn_implementation("fake-attn") == "sdpa"
+
+
+def test_third_party_plugin_receives_other_hooks(site):
+    site(
+        "fakeplug",
+        """
+        import arbor_plugins
+        seen = []
+
+        @arbor_plugins.hookimpl
+        def arbor_freeze(model, names, frozen):
+            seen.append((names, frozen))
+        """,
+    )
+    assert has_hook_impls("arbor_freeze")
+    call_hook("arbor_freeze", model=None, names=["w"], frozen=True)
+    assert sys.modules["fakeplug_mod"].seen == [(["w"], True)]
+
+
+def test_broken_plugin_warns_once_and_builtins_survive(site):
+    site("fakeplug", "raise ImportError('needs libfoo')")
+    with pytest.warns(ArborPluginWarning) as record:
+        reg = get_registry()
+    ours = [w for w in record if "fakeplug" in str(w.message)]
+    assert len(ours) == 1 and len(record) == 1
+    assert "ImportError: needs libfoo" in str(ours[0].message)
+    assert "sdpa" in reg.names("attention_backend") and "learned" in reg.names("substrate")
+    (failed,) = [i for i in plugin_infos() if "error" in i]
+    assert failed["distribution"] == "fakeplug" and "needs libfoo" in failed["error"]
+
+
+def test_plugin_whose_register_raises_is_skipped(site):
+    site(
+        "fakeplug",
+        """
+        import arbor_plugins
+
+        @arbor_plugins.hookimpl
+        def arbor_register(registry):
+            registry.register("substrate", "half-done", object())
+            raise RuntimeError("boom")
+        """,
+    )
+    with pytest.warns(ArborPluginWarning, match=r"fakeplug.*arbor_register: RuntimeError: boom"):
+        reg = get_registry()
+    assert "half-done" not in reg.names("substrate")  # nothing left behind
+    assert not any(i["distribution"] == "fakeplug" and "error" not in i for i in plugin_infos())
+
+
+def test_plugin_with_misspelled_hook_is_skipped(site):
+    site("fakeplug", "import arbor_plugins\n@arbor_plugins.hookimpl\ndef arbor_registr(registry): pass\n")
+    with pytest.warns(ArborPluginWarning, match="unknown hook.*arbor_registr.*valid hooks"):
+        get_plugin_manager()
+
+
+def test_strict_mode_covers_arbor_register(site, monkeypatch):
+    site("fakeplug", "import arbor_plugins\n@arbor_plugins.hookimpl\ndef arbor_register(registry): 1 / 0\n")
+    monkeypatch.setenv("ARBOR_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError, match="fakeplug.*arbor_register: ZeroDivisionError"):
+        get_registry()
+
+
+@pytest.mark.parametrize("how", ["env", "argument"])
+def test_strict_mode_raises(site, monkeypatch, how):
+    site("fakeplug", "1 / 0")
+    if how == "env":
+        monkeypatch.setenv("ARBOR_STRICT_PLUGINS", "1")
+        call = get_registry
+    else:
+        call = lambda: get_plugin_manager(strict=True)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # strict: an error, not a warning
+        with pytest.raises(PluginLoadError, match="fakeplug.*ZeroDivisionError: division by zero"):
+            call()
+
+
+def test_strict_argument_after_lenient_load(site):
+    site("fakeplug", "1 / 0")
+    with pytest.warns(ArborPluginWarning):
+        get_plugin_manager()
+    with pytest.raises(PluginLoadError, match="fakeplug"):
+        get_plugin_manager(strict=True)
+
+
+def test_name_conflict_names_both_distributions(site):
+    site("fakeplug", REGISTERING_PLUGIN.format(name="same"))
+    site("otherplug", REGISTERING_PLUGIN.format(name="same"))
+    with pytest.raises(ComponentConflictError, match=r"'fakeplug'.*'otherplug'"):
+        get_registry()
+
+
+def test_conflict_with_builtin_is_an_error_too(site):
+    site("fakeplug", REGISTERING_PLUGIN.format(name="sdpa"))
+    with pytest.raises(ComponentConflictError, match=r"arbor-lm \(attention\).*fakeplug"):
+        get_registry()
+
+
+def test_allow_list(site, monkeypatch):
+    site("fakeplug", REGISTERING_PLUGIN.format(name="one"))
+    site("otherplug", REGISTERING_PLUGIN.format(name="two"))
+    monkeypatch.setenv("ARBOR_LOAD_PLUGINS", "")
+    assert not {"one", "two"} & set(names()) and "sdpa" in names()
+
+    reset_plugins()
+    monkeypatch.setenv("ARBOR_LOAD_PLUGINS", "otherplug")
+    assert "two" in names() and "one" not in names() and "sdpa" in names()
+
+    reset_plugins()
+    monkeypatch.setenv("ARBOR_LOAD_PLUGINS", "fakeplug, not-installed")
+    with pytest.warns(ArborPluginWarning, match="'not-installed', which is not installed"):
+        assert "one" in names() and "two" not in names()
+
+
+# ------------------------------------------------------------- plugins.toml
+def write(tmp_path, text):
+    path = tmp_path / "plugins.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_plugins_toml_valid(tmp_path):
+    sel = load_plugins_toml(write(tmp_path, '[substrate]\nname = "learned"\n[attention_backend]\nname = "flex"\n'))
+    assert sel.name("attention_backend") == "flex"
+    assert sel.component("attention_backend").implementation == "flex_attention"
+    assert sel.settings("substrate") is not None
+    assert sel.name("trigger") is None and sel.component("trigger") is None
+    with pytest.raises(ValueError, match="unknown role 'triger'"):
+        sel.name("triger")
+
+
+def test_plugins_toml_absent_means_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not load_plugins_toml()
+    write(tmp_path, 'attention_backend = "eager"\n')  # shorthand, found in the working directory
+    assert load_plugins_toml().name("attention_backend") == "eager"
+
+
+def test_repo_plugins_toml_loads():
+    from pathlib import Path
+
+    sel = load_plugins_toml(Path(__file__).parents[1] / "plugins.toml")
+    assert sel.name("attention_backend") == "sdpa" and sel.name("substrate") == "learned"
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ('[attenton_backend]\nname = "sdpa"\n', r"unknown role 'attenton_backend'; valid roles: trigger, .*rope_"),
+        ('[attention_backend]\nname = "fast"\n', r"attention_backend.name: unknown attention_backend 'fast'; "
+         r"valid names: 'eager', 'flash-attn', 'flex', 'sdpa'"),
+        ('[attention_backend]\nname = "sdpa"\nblock = 64\n', r"attention_backend.block: unknown setting; "
+         r"this component takes no settings"),
+        ('[attention_backend]\nblock = 64\n', r"attention_backend.name: missing"),
+        ('[substrate]\nname = "learned"\n\n[attention_backend\nname = "x"\n', r"invalid TOML: .*line 4"),
+    ],
+    ids=["unknown-role", "unknown-name", "bad-setting", "no-name", "malformed"],
+)
+def test_plugins_toml_errors_are_one_line(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(PluginsConfigError, match=pattern) as info:
+        load_plugins_toml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_plugin_settings_are_validated(site, tmp_path):
+    site(
+        "fakeplug",
+        """
+        import arbor_plugins
+        from pydantic import BaseModel, ConfigDict
+
+        class Settings(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            factor: float = 1.0
+
+        class Scale(arbor_plugins.RopeScaling):
+            Settings = Settings
+            def apply(self, rope_parameters, settings):
+                return {**rope_parameters, "factor": settings.factor}
+
+        @arbor_plugins.hookimpl
+        def arbor_register(registry):
+            registry.register("rope_scaling", "scale", Scale())
+        """,
+    )
+    sel = load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "scale"\nfactor = 4\n'))
+    assert sel.settings("rope_scaling").factor == 4.0
+    with pytest.raises(PluginsConfigError, match=r"rope_scaling.factor: .*\(got 'big'\); accepted settings: factor"):
+        load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "scale"\nfactor = "big"\n'))
+
+
+def test_schema_without_registry():
+    parsed = parse_plugins_toml({"substrate": {"name": "learned", "dim": 3}})
+    assert parsed.substrate.name == "learned" and parsed.substrate.settings == {"dim": 3}
+    assert list(parsed.roles()) == ["substrate"]
+    with pytest.raises(PluginsFileError, match="substrate: must be a table"):
+        parse_plugins_toml({"substrate": 3})
+
+
+def test_hookspecs_match_kinds():
+    # Every registry kind is a role of plugins.toml (the schema asserts the same at import).
+    from arbor_plugins.settings import PluginsFile
+
+    assert tuple(PluginsFile.model_fields) == arbor_plugins.KINDS
