@@ -1,0 +1,401 @@
+"""Growth operators: make an `ArborForCausalLM` deeper or wider, in place and exactly.
+
+Each operator resizes the modules it touches (no copy of the whole model),
+updates the config so `save_pretrained` writes the grown architecture, and
+returns a `GrowthEvent` describing what changed. New parts start so the model
+computes the same function as before (the "zero" scheme, Gesmundo & Maile
+2023): whatever reads a new unit may start random, whatever a new unit writes
+into the residual stream starts at zero.
+
+Resized tensors keep their `nn.Parameter` object (only ``.data`` is replaced),
+so an optimizer's parameter groups stay valid; `arbor.optim` then moves the
+optimizer state into the new shapes using `GrowthEvent.resized`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+AXES = ("depth", "ffn", "heads", "hidden")
+
+
+@dataclass
+class ResizedParameter:
+    """Where the old values of one grown tensor sit inside the new one.
+
+    ``old_positions[d]`` holds, for every old index along dimension ``d``, its
+    index in the new tensor; dimensions not listed kept their size and order.
+    """
+
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    old_positions: dict[int, torch.Tensor]
+
+    def old_index(self) -> tuple[Any, ...]:
+        """An index that selects the old values' positions in a new-shaped tensor."""
+        index: list[Any] = []
+        for dim, size in enumerate(self.old_shape):
+            pos = self.old_positions.get(dim)
+            index.append(slice(0, size) if pos is None else pos)
+        # Advanced indexing on several dims needs broadcastable index tensors.
+        tensors = [i for i, ix in enumerate(index) if isinstance(ix, torch.Tensor)]
+        if len(tensors) > 1:
+            shaped = []
+            for i, ix in enumerate(index):
+                ix = torch.arange(self.old_shape[i]) if not isinstance(ix, torch.Tensor) else ix
+                view = [1] * len(index)
+                view[i] = -1
+                shaped.append(ix.view(view))
+            return tuple(shaped)
+        return tuple(index)
+
+
+@dataclass
+class GrowthEvent:
+    """What one growth step changed; passed to the ``arbor_grow_*`` hooks."""
+
+    axis: str
+    layers: list[int]
+    old_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    new_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    new_parameters: list[str] = field(default_factory=list)
+    resized: dict[str, ResizedParameter] = field(default_factory=dict)
+    #: Parameters renamed because layers were inserted before them: old name → new name.
+    renamed: dict[str, str] = field(default_factory=dict)
+    init: str = "zero"
+    exact: bool = True
+    reason: str = ""
+    #: Per-parameter factors an init scheme wants applied to optimizer moments of
+    #: the old values (Staged Training scales moments of duplicated units).
+    moment_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly digest, for logs and growth histories."""
+        return {
+            "axis": self.axis,
+            "layers": list(self.layers),
+            "init": self.init,
+            "exact": self.exact,
+            "reason": self.reason,
+            "new_parameters": len(self.new_parameters),
+            "resized": {k: [list(v.old_shape), list(v.new_shape)] for k, v in self.resized.items()},
+        }
+
+
+class GrowthError(ValueError):
+    """A growth request the model cannot honour (shrinking, invalid sizes, limits)."""
+
+
+# ----------------------------------------------------------------- primitives
+def _std(model) -> float:
+    return float(model.config.initializer_range)
+
+
+def _grow_tensor(
+    param: nn.Parameter, new_shape: tuple[int, ...], old_positions: dict[int, torch.Tensor], fill
+) -> ResizedParameter:
+    """Replace ``param.data`` by a ``new_shape`` tensor holding the old values at ``old_positions``.
+
+    ``fill(tensor)`` initialises the whole new tensor first; the old values
+    are then written over it, so ``fill`` decides only what the new parts hold.
+    """
+    old = param.data
+    info = ResizedParameter(tuple(old.shape), tuple(new_shape), old_positions)
+    new = torch.empty(new_shape, dtype=old.dtype, device=old.device)
+    fill(new)
+    new[info.old_index()] = old
+    param.data = new
+    param.grad = None
+    return info
+
+
+def _normal(std: float):
+    return lambda t: t.normal_(0.0, std)
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    return t.zero_()
+
+
+def _set_linear_shape(linear: nn.Linear) -> None:
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def _record(event: GrowthEvent, name: str, info: ResizedParameter) -> None:
+    event.resized[name] = info
+    event.old_shapes[name] = info.old_shape
+    event.new_shapes[name] = info.new_shape
+
+
+def _fire(model, event: GrowthEvent) -> GrowthEvent:
+    from arbor.plugins import call_hook
+
+    model.config.validate_arbor()
+    hook = "arbor_grow_depth" if event.axis == "depth" else "arbor_grow_width"
+    call_hook(hook, model=model, event=event)
+    return event
+
+
+def _layer_list(model, layers) -> list[int]:
+    n = model.config.num_hidden_layers
+    if layers is None:
+        return list(range(n))
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise GrowthError(f"layers={bad} is invalid: layer indices must lie in [0, {n - 1}]")
+    return sorted(set(layers))
+
+
+# ---------------------------------------------------------------------- depth
+def insert_layers(model, positions: list[int]) -> GrowthEvent:
+    """Insert one new decoder layer before old layer ``p`` for each ``p`` in ``positions``.
+
+    ``positions`` index the current stack (``len(layers)`` appends); repeated
+    positions insert several layers there. New layers get the config's default
+    sizes and zero attention-output and MLP-output weights, so each starts as
+    the identity on the residual stream.
+    """
+    from arbor.modeling import ArborDecoderLayer
+
+    config = model.config
+    stack: nn.ModuleList = model.model.layers
+    n = len(stack)
+    positions = sorted(positions)
+    if not positions:
+        raise GrowthError("positions is empty: give at least one insertion position")
+    bad = [p for p in positions if not isinstance(p, int) or not 0 <= p <= n]
+    if bad:
+        raise GrowthError(f"positions={bad} is invalid: insertion positions must lie in [0, {n}]")
+    if config.max_layers is not None and n + len(positions) > config.max_layers:
+        raise GrowthError(
+            f"inserting {len(positions)} layers into {n} exceeds max_layers={config.max_layers}"
+        )
+    old_names = {id(p): name for name, p in model.named_parameters()}
+    first = stack[0] if n else None
+    new_layers: list[nn.Module] = []
+    layers: list[nn.Module] = []
+    sizes = (config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads)
+    new_sizes: tuple[list[int], list[int], list[int]] = ([], [], [])
+    new_indices: list[int] = []
+    pi = 0
+    for old_index in range(n + 1):
+        while pi < len(positions) and positions[pi] == old_index:
+            new_indices.append(len(layers))
+            for target, default in zip(new_sizes, (config.intermediate_size, config.num_attention_heads,
+                                                   config.num_key_value_heads)):
+                target.append(default)
+            layers.append(None)  # placeholder, built once the config lists are final
+            pi += 1
+        if old_index < n:
+            for target, source in zip(new_sizes, sizes):
+                target.append(source[old_index])
+            layers.append(stack[old_index])
+    config.num_hidden_layers = len(layers)
+    config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads = (
+        list(s) for s in new_sizes
+    )
+    ref = next(model.parameters())
+    for i in new_indices:
+        layer = ArborDecoderLayer(config, i).to(device=ref.device, dtype=ref.dtype)
+        layer.apply(model._init_weights)
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        layers[i] = layer
+        new_layers.append(layer)
+    if first is not None:
+        for layer in new_layers:  # a trainable stack gets trainable new layers, and vice versa
+            layer.train(first.training)
+    model.model.layers = nn.ModuleList(layers)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    event = GrowthEvent(axis="depth", layers=new_indices)
+    for name, p in model.named_parameters():
+        if name.startswith("model.layers.") and int(name.split(".")[2]) in new_indices:
+            event.new_parameters.append(name)
+            event.new_shapes[name] = tuple(p.shape)
+        elif id(p) in old_names and old_names[id(p)] != name:
+            event.renamed[old_names[id(p)]] = name
+    return _fire(model, event)
+
+
+# ------------------------------------------------------------------------ ffn
+def widen_mlp(model, intermediate_size: int, layers=None) -> GrowthEvent:
+    """Widen the FFN of ``layers`` (default: all) to ``intermediate_size`` units.
+
+    New units read the input with random gate/up rows and write nothing: their
+    down-projection columns start at zero.
+    """
+    config = model.config
+    idx = _layer_list(model, layers)
+    if not isinstance(intermediate_size, int) or intermediate_size < 1:
+        raise GrowthError(f"intermediate_size={intermediate_size!r} is invalid: must be a positive integer")
+    too_wide = [i for i in idx if config.layer_intermediate_sizes[i] > intermediate_size]
+    if too_wide:
+        raise GrowthError(
+            f"intermediate_size={intermediate_size} would shrink layers {too_wide} "
+            f"(widths {[config.layer_intermediate_sizes[i] for i in too_wide]}); growth never removes units"
+        )
+    event = GrowthEvent(axis="ffn", layers=[])
+    std = _std(model)
+    for i in idx:
+        mlp = model.model.layers[i].mlp
+        old = mlp.intermediate_size
+        if old == intermediate_size:
+            continue
+        prefix = f"model.layers.{i}.mlp."
+        with torch.no_grad():
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                info = _grow_tensor(proj.weight, (intermediate_size, config.hidden_size), {}, _normal(std))
+                _record(event, prefix + ("gate_proj" if proj is mlp.gate_proj else "up_proj") + ".weight", info)
+                _set_linear_shape(proj)
+            info = _grow_tensor(mlp.down_proj.weight, (config.hidden_size, intermediate_size), {}, _zeros)
+            _record(event, prefix + "down_proj.weight", info)
+            _set_linear_shape(mlp.down_proj)
+        mlp.intermediate_size = intermediate_size
+        config.layer_intermediate_sizes[i] = intermediate_size
+        event.layers.append(i)
+    if layers is None:
+        config.intermediate_size = max(config.intermediate_size, intermediate_size)
+    return _fire(model, event)
+
+
+# ---------------------------------------------------------------------- heads
+def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None) -> GrowthEvent:
+    """Give ``layers`` (default: all) ``num_attention_heads`` query and ``num_key_value_heads`` kv heads.
+
+    Grouped-query attention maps query head ``h`` to kv head ``h // group``.
+    Old query heads are moved to the slots of the grown layout that map to
+    their old kv head (query rows and output columns permuted together, which
+    changes nothing), new kv heads are appended, and new query heads fill the
+    free slots with zero output columns. The group size may grow, never shrink.
+    """
+    config = model.config
+    idx = _layer_list(model, layers)
+    event = GrowthEvent(axis="heads", layers=[])
+    std = _std(model)
+    hd = config.head_dim
+    for i in idx:
+        attn = model.model.layers[i].self_attn
+        q_old, kv_old = attn.num_heads, attn.num_key_value_heads
+        q_new = num_attention_heads
+        kv_new = kv_old if num_key_value_heads is None else num_key_value_heads
+        if q_new < q_old or kv_new < kv_old:
+            raise GrowthError(
+                f"num_attention_heads={q_new}, num_key_value_heads={kv_new} would shrink layer {i} "
+                f"(now {q_old} and {kv_old}); growth never removes heads"
+            )
+        if q_new % kv_new:
+            raise GrowthError(f"num_key_value_heads={kv_new} must divide num_attention_heads={q_new} (layer {i})")
+        g_old, g_new = q_old // kv_old, q_new // kv_new
+        if g_new < g_old:
+            raise GrowthError(
+                f"layer {i}: {q_new} query heads over {kv_new} kv heads is {g_new} per group, fewer than the "
+                f"{g_old} per group now; old query heads could not keep their kv head. Allowed: "
+                f"num_attention_heads >= {g_old} * num_key_value_heads"
+            )
+        if (q_new, kv_new) == (q_old, kv_old):
+            continue
+        device = attn.q_proj.weight.device
+        # Slot of old head h in the new layout: same kv head, same rank within its group.
+        heads = torch.arange(q_old, device=device)
+        slots = (heads // g_old) * g_new + heads % g_old
+        rows = (slots[:, None] * hd + torch.arange(hd, device=device)).reshape(-1)
+        prefix = f"model.layers.{i}.self_attn."
+        h = config.hidden_size
+        with torch.no_grad():
+            _record(event, prefix + "q_proj.weight",
+                    _grow_tensor(attn.q_proj.weight, (q_new * hd, h), {0: rows}, _normal(std)))
+            _record(event, prefix + "o_proj.weight",
+                    _grow_tensor(attn.o_proj.weight, (h, q_new * hd), {1: rows}, _zeros))
+            for name, proj in (("k_proj", attn.k_proj), ("v_proj", attn.v_proj)):
+                if kv_new != kv_old:
+                    _record(event, prefix + name + ".weight",
+                            _grow_tensor(proj.weight, (kv_new * hd, h), {}, _normal(std)))
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                _set_linear_shape(proj)
+        attn.num_heads, attn.num_key_value_heads = q_new, kv_new
+        attn.num_key_value_groups = g_new
+        config.layer_num_attention_heads[i] = q_new
+        config.layer_num_key_value_heads[i] = kv_new
+        event.layers.append(i)
+    if layers is None:
+        config.num_attention_heads = max(config.num_attention_heads, num_attention_heads)
+        if num_key_value_heads is not None:
+            config.num_key_value_heads = max(config.num_key_value_heads, num_key_value_heads)
+        if config.num_attention_heads % config.num_key_value_heads:
+            config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
+    return _fire(model, event)
+
+
+# --------------------------------------------------------------------- hidden
+def widen_hidden(model, hidden_size: int) -> GrowthEvent:
+    """Grow the residual stream (d_model) to ``hidden_size``.
+
+    New residual dimensions start at zero everywhere: zero embedding columns
+    and zero rows in every projection that writes the stream. Projections that
+    read it get random new columns (they read zeros for now). RMSNorm would
+    see its mean square shrink by ``d_old / d_new``; scaling every gain by
+    ``sqrt(d_old / d_new)`` and ``rms_norm_eps`` by ``d_old / d_new`` cancels
+    that exactly, epsilon included.
+    """
+    config = model.config
+    d_old, d_new = config.hidden_size, hidden_size
+    if not isinstance(d_new, int) or d_new < d_old:
+        raise GrowthError(f"hidden_size={hidden_size!r} is invalid: must be an integer >= the current {d_old}")
+    if d_new == d_old:
+        return _fire(model, GrowthEvent(axis="hidden", layers=[]))
+    embed = model.model.embed_tokens
+    if not isinstance(embed, nn.Embedding):
+        grow = getattr(embed, "grow_hidden", None)
+        if grow is None:
+            raise GrowthError(
+                f"substrate {config.substrate!r} cannot change its width: its module has no grow_hidden()"
+            )
+    event = GrowthEvent(axis="hidden", layers=list(range(config.num_hidden_layers)))
+    std = _std(model)
+    ratio = d_old / d_new
+    done: set[int] = set()
+
+    def grow(name: str, param: nn.Parameter, shape, fill) -> None:
+        if id(param) in done:  # a tied head shares the embedding's tensor
+            return
+        done.add(id(param))
+        _record(event, name, _grow_tensor(param, shape, {}, fill))
+
+    with torch.no_grad():
+        if isinstance(embed, nn.Embedding):
+            grow("model.embed_tokens.weight", embed.weight, (embed.num_embeddings, d_new), _zeros)
+            embed.embedding_dim = d_new
+        else:
+            embed.grow_hidden(d_new)
+        norms = []
+        for i, layer in enumerate(model.model.layers):
+            p = f"model.layers.{i}."
+            a, m = layer.self_attn, layer.mlp
+            for name, proj in (("self_attn.q_proj", a.q_proj), ("self_attn.k_proj", a.k_proj),
+                               ("self_attn.v_proj", a.v_proj), ("mlp.gate_proj", m.gate_proj),
+                               ("mlp.up_proj", m.up_proj)):
+                grow(p + name + ".weight", proj.weight, (proj.out_features, d_new), _normal(std))
+                _set_linear_shape(proj)
+            for name, proj in (("self_attn.o_proj", a.o_proj), ("mlp.down_proj", m.down_proj)):
+                grow(p + name + ".weight", proj.weight, (d_new, proj.in_features), _zeros)
+                _set_linear_shape(proj)
+            norms += [(p + "input_layernorm", layer.input_layernorm),
+                      (p + "post_attention_layernorm", layer.post_attention_layernorm)]
+        norms.append(("model.norm", model.model.norm))
+        for name, norm in norms:
+            grow(name + ".weight", norm.weight, (d_new,), lambda t: t.fill_(1.0))
+            norm.weight.mul_(math.sqrt(ratio))
+            norm.variance_epsilon = norm.variance_epsilon * ratio
+        grow("lm_head.weight", model.lm_head.weight, (model.lm_head.out_features, d_new), _normal(std))
+        _set_linear_shape(model.lm_head)
+    config.hidden_size = d_new
+    config.rms_norm_eps = config.rms_norm_eps * ratio
+    return _fire(model, event)
