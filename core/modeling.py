@@ -216,6 +216,16 @@ class ArborPreTrainedModel(PreTrainedModel):
             check_checkpoint_shapes(path, cls, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # Registered backend names ("flex", "flash-attn", a plugin's) map to transformers
+        # keys here, and an unavailable backend fails now with its reason. Hub kernel
+        # references ("org/repo", "paged|...") go to transformers untouched.
+        if isinstance(attn_implementation, str) and not any(c in attn_implementation for c in "/|"):
+            from arbor.attention import resolve_attn_implementation
+
+            attn_implementation = resolve_attn_implementation(attn_implementation)
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # Substrates other than a plain embedding initialise themselves.

@@ -284,3 +284,17 @@ def test_rope_config_hook_changes_the_tables(register):
     with torch.no_grad():
         torch.testing.assert_close(stretched(ids).logits, reference(ids).logits)
         assert not torch.allclose(stretched(ids).logits, plain(ids).logits)
+
+
+def test_attention_backends_are_chosen_by_registered_name():
+    model = ArborForCausalLM._from_config(ArborConfig(**TINY), attn_implementation="flex")
+    assert model.config._attn_implementation == "flex_attention"
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="valid names: .*sdpa"):
+        ArborForCausalLM._from_config(ArborConfig(**TINY), attn_implementation="warp-drive")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="flash-attn.*not available"):
+            ArborForCausalLM._from_config(ArborConfig(**TINY), attn_implementation="flash-attn")
