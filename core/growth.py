@@ -15,6 +15,7 @@ optimizer state into the new shapes using `GrowthEvent.resized`.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class ResizedParameter:
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     old_positions: dict[int, torch.Tensor]
+    #: The replaced parameter (weakly held, so the event does not keep old memory alive).
+    old_param: Any = field(default=None, repr=False)
+    #: The parameter that took its place.
+    new_param: Any = field(default=None, repr=False)
 
     def old_index(self) -> tuple[Any, ...]:
         """An index that selects the old values' positions in a new-shaped tensor."""
@@ -97,21 +102,44 @@ def _std(model) -> float:
 
 
 def _grow_tensor(
-    param: nn.Parameter, new_shape: tuple[int, ...], old_positions: dict[int, torch.Tensor], fill
+    module: nn.Module, attr: str, new_shape: tuple[int, ...], old_positions: dict[int, torch.Tensor], fill
 ) -> ResizedParameter:
-    """Replace ``param.data`` by a ``new_shape`` tensor holding the old values at ``old_positions``.
+    """Replace parameter ``module.<attr>`` by a ``new_shape`` one holding the old values at ``old_positions``.
 
     ``fill(tensor)`` initialises the whole new tensor first; the old values
     are then written over it, so ``fill`` decides only what the new parts hold.
+    The parameter is a new object: autograd remembers the shape of a leaf it
+    has seen, so resizing ``.data`` in place breaks the next backward pass.
+    `rebind_optimizer` points an optimizer at the new objects.
     """
+    param: nn.Parameter = getattr(module, attr)
     old = param.data
     info = ResizedParameter(tuple(old.shape), tuple(new_shape), old_positions)
     new = torch.empty(new_shape, dtype=old.dtype, device=old.device)
     fill(new)
     new[info.old_index()] = old
-    param.data = new
-    param.grad = None
+    replacement = nn.Parameter(new, requires_grad=param.requires_grad)
+    setattr(module, attr, replacement)
+    info.old_param = weakref.ref(param)
+    info.new_param = replacement
     return info
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, event: GrowthEvent) -> None:
+    """Point ``optimizer`` at the parameters that replaced grown ones, moving their state along.
+
+    The state still has the old shapes; `arbor.optim.carry_over` resizes it.
+    """
+    swap = {}
+    for info in event.resized.values():
+        old = info.old_param() if info.old_param is not None else None
+        if old is not None:
+            swap[id(old)] = (old, info.new_param)
+    for group in optimizer.param_groups:
+        group["params"] = [swap[id(p)][1] if id(p) in swap else p for p in group["params"]]
+    for old, new in swap.values():
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
 
 
 def _normal(std: float):
@@ -252,10 +280,10 @@ def widen_mlp(model, intermediate_size: int, layers=None) -> GrowthEvent:
         prefix = f"model.layers.{i}.mlp."
         with torch.no_grad():
             for proj in (mlp.gate_proj, mlp.up_proj):
-                info = _grow_tensor(proj.weight, (intermediate_size, config.hidden_size), {}, _normal(std))
+                info = _grow_tensor(proj, "weight", (intermediate_size, config.hidden_size), {}, _normal(std))
                 _record(event, prefix + ("gate_proj" if proj is mlp.gate_proj else "up_proj") + ".weight", info)
                 _set_linear_shape(proj)
-            info = _grow_tensor(mlp.down_proj.weight, (config.hidden_size, intermediate_size), {}, _zeros)
+            info = _grow_tensor(mlp.down_proj, "weight", (config.hidden_size, intermediate_size), {}, _zeros)
             _record(event, prefix + "down_proj.weight", info)
             _set_linear_shape(mlp.down_proj)
         mlp.intermediate_size = intermediate_size
@@ -311,13 +339,13 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
         h = config.hidden_size
         with torch.no_grad():
             _record(event, prefix + "q_proj.weight",
-                    _grow_tensor(attn.q_proj.weight, (q_new * hd, h), {0: rows}, _normal(std)))
+                    _grow_tensor(attn.q_proj, "weight", (q_new * hd, h), {0: rows}, _normal(std)))
             _record(event, prefix + "o_proj.weight",
-                    _grow_tensor(attn.o_proj.weight, (h, q_new * hd), {1: rows}, _zeros))
+                    _grow_tensor(attn.o_proj, "weight", (h, q_new * hd), {1: rows}, _zeros))
             for name, proj in (("k_proj", attn.k_proj), ("v_proj", attn.v_proj)):
                 if kv_new != kv_old:
                     _record(event, prefix + name + ".weight",
-                            _grow_tensor(proj.weight, (kv_new * hd, h), {}, _normal(std)))
+                            _grow_tensor(proj, "weight", (kv_new * hd, h), {}, _normal(std)))
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 _set_linear_shape(proj)
         attn.num_heads, attn.num_key_value_heads = q_new, kv_new
@@ -361,17 +389,15 @@ def widen_hidden(model, hidden_size: int) -> GrowthEvent:
     event = GrowthEvent(axis="hidden", layers=list(range(config.num_hidden_layers)))
     std = _std(model)
     ratio = d_old / d_new
-    done: set[int] = set()
 
-    def grow(name: str, param: nn.Parameter, shape, fill) -> None:
-        if id(param) in done:  # a tied head shares the embedding's tensor
-            return
-        done.add(id(param))
-        _record(event, name, _grow_tensor(param, shape, {}, fill))
+    tied = model.lm_head.weight is embed.weight
+
+    def grow(name: str, module: nn.Module, shape, fill) -> None:
+        _record(event, name, _grow_tensor(module, "weight", shape, {}, fill))
 
     with torch.no_grad():
         if isinstance(embed, nn.Embedding):
-            grow("model.embed_tokens.weight", embed.weight, (embed.num_embeddings, d_new), _zeros)
+            grow("model.embed_tokens.weight", embed, (embed.num_embeddings, d_new), _zeros)
             embed.embedding_dim = d_new
         else:
             embed.grow_hidden(d_new)
@@ -382,20 +408,90 @@ def widen_hidden(model, hidden_size: int) -> GrowthEvent:
             for name, proj in (("self_attn.q_proj", a.q_proj), ("self_attn.k_proj", a.k_proj),
                                ("self_attn.v_proj", a.v_proj), ("mlp.gate_proj", m.gate_proj),
                                ("mlp.up_proj", m.up_proj)):
-                grow(p + name + ".weight", proj.weight, (proj.out_features, d_new), _normal(std))
+                grow(p + name + ".weight", proj, (proj.out_features, d_new), _normal(std))
                 _set_linear_shape(proj)
             for name, proj in (("self_attn.o_proj", a.o_proj), ("mlp.down_proj", m.down_proj)):
-                grow(p + name + ".weight", proj.weight, (d_new, proj.in_features), _zeros)
+                grow(p + name + ".weight", proj, (d_new, proj.in_features), _zeros)
                 _set_linear_shape(proj)
             norms += [(p + "input_layernorm", layer.input_layernorm),
                       (p + "post_attention_layernorm", layer.post_attention_layernorm)]
         norms.append(("model.norm", model.model.norm))
         for name, norm in norms:
-            grow(name + ".weight", norm.weight, (d_new,), lambda t: t.fill_(1.0))
+            grow(name + ".weight", norm, (d_new,), lambda t: t.fill_(1.0))
             norm.weight.mul_(math.sqrt(ratio))
             norm.variance_epsilon = norm.variance_epsilon * ratio
-        grow("lm_head.weight", model.lm_head.weight, (model.lm_head.out_features, d_new), _normal(std))
+        if tied:  # the head shares the embedding's (already grown) tensor
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            grow("lm_head.weight", model.lm_head, (model.lm_head.out_features, d_new), _normal(std))
         _set_linear_shape(model.lm_head)
     config.hidden_size = d_new
     config.rms_norm_eps = config.rms_norm_eps * ratio
     return _fire(model, event)
+
+
+# ------------------------------------------------------------------ model API
+class GrowableMixin:
+    """The growth methods of `ArborForCausalLM`.
+
+    Every method grows the model in place and exactly (with the default
+    ``init="zero"``), fires the matching ``arbor_grow_*`` hook, moves the state
+    of ``optimizer`` (and ``scheduler``) into the new shapes when given, and
+    returns the `GrowthEvent`.
+    """
+
+    def grow_depth(self, num_layers: int = 1, positions: list[int] | None = None, policy: str | None = None,
+                   init: str = "zero", optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
+        """Insert ``num_layers`` new layers at ``positions`` (indices into the current
+        stack), where the insertion ``policy`` says, or by default at the middle."""
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise GrowthError(f"num_layers={num_layers!r} is invalid: must be a positive integer")
+        if positions is not None and policy is not None:
+            raise GrowthError("give positions or policy, not both")
+        n = self.config.num_hidden_layers
+        if positions is None and policy is not None:
+            from arbor.plugins import get_registry
+
+            positions = list(get_registry().get("insertion_policy", policy).positions(self, num_layers))
+        elif positions is None:
+            positions = [n // 2] * num_layers  # Arbor's rule: the middle of the stack
+        elif len(positions) != num_layers:
+            raise GrowthError(f"positions={positions} has {len(positions)} entries but num_layers={num_layers}")
+        return self._finish(lambda: insert_layers(self, list(positions)), init, optimizer, scheduler, optim_kwargs)
+
+    def grow_width(self, intermediate_size: int, layers=None, init: str = "zero", optimizer=None,
+                   scheduler=None, **optim_kwargs) -> GrowthEvent:
+        """Widen the FFN of ``layers`` (default: all) to ``intermediate_size``."""
+        return self._finish(lambda: widen_mlp(self, intermediate_size, layers), init, optimizer, scheduler,
+                            optim_kwargs)
+
+    def grow_heads(self, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None,
+                   init: str = "zero", optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
+        """Give ``layers`` (default: all) more query and optionally kv heads."""
+        return self._finish(lambda: add_heads(self, num_attention_heads, num_key_value_heads, layers), init,
+                            optimizer, scheduler, optim_kwargs)
+
+    def grow_hidden(self, hidden_size: int, init: str = "zero", optimizer=None, scheduler=None,
+                    **optim_kwargs) -> GrowthEvent:
+        """Widen the residual stream (d_model) to ``hidden_size``."""
+        return self._finish(lambda: widen_hidden(self, hidden_size), init, optimizer, scheduler, optim_kwargs)
+
+    def _finish(self, operate, init: str, optimizer, scheduler, optim_kwargs) -> GrowthEvent:
+        scheme = None
+        if init != "zero":  # "zero" is what the operators build; other schemes come from plugins
+            from arbor.plugins import get_registry
+
+            scheme = get_registry().get("init_scheme", init)
+        if optim_kwargs and optimizer is None:
+            raise GrowthError(f"{', '.join(optim_kwargs)} only apply together with optimizer=")
+        event = operate()
+        if scheme is not None:
+            event.init = init
+            event.exact = bool(getattr(scheme, "exact", False))
+            scheme.initialize(self, event)
+        if optimizer is not None:
+            from arbor.optim import carry_over
+
+            rebind_optimizer(optimizer, event)
+            carry_over(optimizer, self, event, scheduler=scheduler, **optim_kwargs)
+        return event
