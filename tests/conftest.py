@@ -26,3 +26,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """No plugin environment variables and no cached plugin state, before and after."""
+    from arbor.plugins import reset_plugins
+
+    monkeypatch.delenv("ARBOR_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("ARBOR_STRICT_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()

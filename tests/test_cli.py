@@ -17,14 +17,9 @@ from test_plugins import REGISTERING_PLUGIN, make_dist
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def isolated(tmp_path, monkeypatch, fresh_plugins):
     """No plugins.toml from the repository, no plugin environment, fresh plugin state."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("ARBOR_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("ARBOR_STRICT_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 @pytest.fixture

@@ -298,3 +298,11 @@ def test_attention_backends_are_chosen_by_registered_name():
     except ImportError:
         with pytest.raises(ValueError, match="flash-attn.*not available"):
             ArborForCausalLM._from_config(ArborConfig(**TINY), attn_implementation="flash-attn")
+
+
+def test_return_dict_false_gives_a_tuple_with_the_loss():
+    model = build()
+    ids = torch.randint(0, 96, (1, 6))
+    out = model(ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], model(ids, labels=ids).loss)

@@ -55,13 +55,8 @@ def make_dist(root, dist, code, *, module=None, entry_point=None, version="0.1")
 
 
 @pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
+def _fresh(fresh_plugins):
     """Every test starts and ends with no cached plugins and default environment."""
-    monkeypatch.delenv("ARBOR_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("ARBOR_STRICT_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 @pytest.fixture
