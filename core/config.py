@@ -112,6 +112,9 @@ class ArborConfig(PreTrainedConfig):
         substrate / substrate_settings: the registered embedding substrate
             that turns token ids into vectors, and its settings.
         min_layers / max_layers: bounds depth growth must stay within.
+        layer_generations: per layer, the depth-growth step that created it
+            (0 for the initial stack); freezing "all but the newest k layers"
+            reads it.
     """
 
     model_type = "arbor"
@@ -127,6 +130,7 @@ class ArborConfig(PreTrainedConfig):
     layer_intermediate_sizes: list[int] | None = None
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
+    layer_generations: list[int] | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
@@ -168,6 +172,8 @@ class ArborConfig(PreTrainedConfig):
             self.layer_num_attention_heads = [self.num_attention_heads] * n
         if self.layer_num_key_value_heads is None:
             self.layer_num_key_value_heads = [self.num_key_value_heads] * n
+        if self.layer_generations is None:
+            self.layer_generations = [0] * n
         if self.substrate_settings is None:
             self.substrate_settings = {}
         super().__post_init__(**kwargs)
@@ -209,6 +215,13 @@ class ArborConfig(PreTrainedConfig):
                 raise ArborConfigError(name, values, f"must be a list of num_hidden_layers={n} positive integers")
             for i, v in enumerate(values):
                 _positive_int(f"{name}[{i}]", v)
+        gens = self.layer_generations
+        if not isinstance(gens, list) or len(gens) != n or any(
+            not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in gens
+        ):
+            raise ArborConfigError(
+                "layer_generations", gens, f"must be a list of num_hidden_layers={n} integers >= 0"
+            )
         for i, (q, kv) in enumerate(zip(self.layer_num_attention_heads, self.layer_num_key_value_heads)):
             if q % kv:
                 raise ArborConfigError(

@@ -208,15 +208,17 @@ def insert_layers(model, positions: list[int]) -> GrowthEvent:
     first = stack[0] if n else None
     new_layers: list[nn.Module] = []
     layers: list[nn.Module] = []
-    sizes = (config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads)
-    new_sizes: tuple[list[int], list[int], list[int]] = ([], [], [])
+    sizes = (config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads,
+             config.layer_generations)
+    generation = max(config.layer_generations, default=0) + 1
+    new_sizes: tuple[list[int], ...] = ([], [], [], [])
     new_indices: list[int] = []
     pi = 0
     for old_index in range(n + 1):
         while pi < len(positions) and positions[pi] == old_index:
             new_indices.append(len(layers))
             for target, default in zip(new_sizes, (config.intermediate_size, config.num_attention_heads,
-                                                   config.num_key_value_heads)):
+                                                   config.num_key_value_heads, generation)):
                 target.append(default)
             layers.append(None)  # placeholder, built once the config lists are final
             pi += 1
@@ -225,9 +227,8 @@ def insert_layers(model, positions: list[int]) -> GrowthEvent:
                 target.append(source[old_index])
             layers.append(stack[old_index])
     config.num_hidden_layers = len(layers)
-    config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads = (
-        list(s) for s in new_sizes
-    )
+    (config.layer_intermediate_sizes, config.layer_num_attention_heads, config.layer_num_key_value_heads,
+     config.layer_generations) = (list(s) for s in new_sizes)
     ref = next(model.parameters())
     for i in new_indices:
         layer = ArborDecoderLayer(config, i).to(device=ref.device, dtype=ref.dtype)
