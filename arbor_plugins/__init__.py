@@ -10,7 +10,15 @@ A plugin imports only this package::
         registry.register("substrate", "my-substrate", MySubstrate())
 """
 
-from arbor_plugins.components import AttentionBackend, Component, NoSettings, RopeScaling, Substrate
+from arbor_plugins.components import (
+    AttentionBackend,
+    Component,
+    InitScheme,
+    InsertionPolicy,
+    NoSettings,
+    RopeScaling,
+    Substrate,
+)
 from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
 from arbor_plugins.registry import KINDS, ComponentConflictError, Registry, UnknownComponentError
 
@@ -20,6 +28,8 @@ __all__ = [
     "AttentionBackend",
     "Component",
     "ComponentConflictError",
+    "InitScheme",
+    "InsertionPolicy",
     "NoSettings",
     "Registry",
     "RopeScaling",

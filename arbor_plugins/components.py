@@ -68,6 +68,43 @@ class AttentionBackend(Component):
         return True, ""
 
 
+class InitScheme(Component):
+    """How the new parts of a growth step start.
+
+    The growth operators first build the new parts the "zero" way (whatever a
+    new unit writes into the residual stream is zero, so the model's function
+    is unchanged); ``initialize`` then rewrites them in place. It receives the
+    `arbor.growth.GrowthEvent` of the step, whose ``resized`` map says where
+    the old values sit inside each grown tensor and whose ``new_parameters``
+    lists the parameters of new layers. It may also fill
+    ``event.moment_scales`` / ``event.moment_sources`` so the optimizer
+    carry-over treats duplicated units as Staged Training does.
+
+    ``exact`` is a promise checked by the conformance kit: with an exact
+    scheme the grown model computes the same function (same logits) as before.
+    """
+
+    #: Whether the grown model computes exactly the function it computed before.
+    exact: ClassVar[bool] = False
+    #: Growth axes the scheme can initialise ("depth", "ffn", "heads", "hidden").
+    axes: ClassVar[tuple[str, ...]] = ("depth", "ffn", "heads", "hidden")
+
+    def initialize(self, model: Any, event: Any, settings: BaseModel) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def default_positions(self, model: Any, num_layers: int) -> list[int] | None:
+        """Where new layers go when the caller names neither positions nor a policy (None: arbor's default)."""
+        return None
+
+
+class InsertionPolicy(Component):
+    """Where depth growth inserts new layers."""
+
+    def positions(self, model: Any, num_layers: int, settings: BaseModel) -> list[int]:  # pragma: no cover
+        """Indices into the current stack (``len(layers)`` appends), one per new layer."""
+        raise NotImplementedError
+
+
 class RopeScaling(Component):
     """A named way to change RoPE parameters before the tables are built."""
 

@@ -112,6 +112,9 @@ class ArborConfig(PreTrainedConfig):
         substrate / substrate_settings: the registered embedding substrate
             that turns token ids into vectors, and its settings.
         min_layers / max_layers: bounds depth growth must stay within.
+        growth: the step ``model.grow()`` takes, as a `arbor.growable.GrowthSpec`
+            dict (e.g. ``{"axis": "ffn", "factor": 1.5}``); None means Arbor's
+            step, 4 zero-initialised layers at the middle.
         layer_generations: per layer, the depth-growth step that created it
             (0 for the initial stack); freezing "all but the newest k layers"
             reads it.
@@ -146,6 +149,7 @@ class ArborConfig(PreTrainedConfig):
     substrate_settings: dict | None = None
     min_layers: int = 1
     max_layers: int | None = None
+    growth: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None and "rope_scaling" not in kwargs:
@@ -240,6 +244,16 @@ class ArborConfig(PreTrainedConfig):
         if not isinstance(self.substrate_settings, dict):
             raise ArborConfigError("substrate_settings", self.substrate_settings, "must be a table (dict)")
         self._check_rope()
+        if self.growth is not None:
+            from arbor.growable import parse_growth_spec
+            from arbor.growth import GrowthError
+
+            if not isinstance(self.growth, dict):
+                raise ArborConfigError("growth", self.growth, "must be a table (dict) describing one growth step")
+            try:
+                parse_growth_spec(self.growth)
+            except GrowthError as exc:
+                raise ArborConfigError("growth", self.growth, str(exc)) from None
 
     def _check_rope(self) -> None:
         rope = self.rope_parameters

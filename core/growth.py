@@ -7,9 +7,14 @@ computes the same function as before (the "zero" scheme, Gesmundo & Maile
 2023): whatever reads a new unit may start random, whatever a new unit writes
 into the residual stream starts at zero.
 
-Resized tensors keep their `nn.Parameter` object (only ``.data`` is replaced),
-so an optimizer's parameter groups stay valid; `arbor.optim` then moves the
-optimizer state into the new shapes using `GrowthEvent.resized`.
+Every operator takes ``init=``: the name of a registered init scheme (or a
+scheme object) that rewrites the new parts after the zero construction and
+before the ``arbor_grow_*`` hooks fire, so listeners see the final weights.
+
+A resized tensor becomes a new `nn.Parameter` (autograd remembers the shape of
+a leaf it has seen); `rebind_optimizer` and `arbor.optim.carry_over` move an
+optimizer's groups and state to the new objects, using `GrowthEvent.resized`.
+The model methods (``model.grow_depth`` and friends) live in `arbor.growable`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
+
+from arbor_plugins.settings import describe_validation_error
 
 AXES = ("depth", "ffn", "heads", "hidden")
 
@@ -76,8 +84,13 @@ class GrowthEvent:
     exact: bool = True
     reason: str = ""
     #: Per-parameter factors an init scheme wants applied to optimizer moments of
-    #: the old values (Staged Training scales moments of duplicated units).
+    #: the old values (Staged Training scales moments of duplicated units):
+    #: ``(first, second)``, each broadcastable to the old shape.
     moment_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: Per-parameter moment copies for duplicated units: ``(dim, dst, src)``, indices
+    #: into the NEW tensor along ``dim``; after resizing (and scaling), the state at
+    #: ``src`` is copied to ``dst`` so a copy starts with its original's moments.
+    moment_sources: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly digest, for logs and growth histories."""
@@ -160,10 +173,50 @@ def _record(event: GrowthEvent, name: str, info: ResizedParameter) -> None:
     event.new_shapes[name] = info.new_shape
 
 
-def _fire(model, event: GrowthEvent) -> GrowthEvent:
+def resolve_init(init: Any, axis: str, settings: dict | None = None) -> tuple[str, Any, Any]:
+    """``(name, scheme, validated settings)`` for ``init``, checked before anything is resized.
+
+    ``"zero"`` is what the operators build themselves, so it works even with no
+    strategies installed; any other name is looked up among registered init
+    schemes. An object with an ``initialize`` method is used as it is.
+    """
+    from arbor.plugins import get_registry
+
+    if isinstance(init, str):
+        name = init
+        registry = get_registry()
+        if name == "zero" and not registry.has("init_scheme", name):
+            return name, None, None
+        try:
+            scheme = registry.get("init_scheme", name)
+        except LookupError as exc:
+            known = ", ".join(repr(n) for n in getattr(exc, "known", [])) or "none are installed"
+            raise GrowthError(f"init={name!r} is not a registered init scheme; valid names: {known}") from None
+    elif callable(getattr(init, "initialize", None)):
+        scheme, name = init, getattr(init, "name", type(init).__name__)
+    else:
+        raise GrowthError(f"init={init!r} is invalid: give the name of an init scheme or an object with initialize()")
+    axes = tuple(getattr(scheme, "axes", AXES))
+    if axis not in axes:
+        raise GrowthError(f"init={name!r} cannot initialise {axis} growth; it supports: {', '.join(axes)}")
+    validate = getattr(scheme, "validate_settings", None)
+    try:
+        parsed = validate(settings) if validate else settings
+    except ValidationError as exc:
+        raise GrowthError(f"init_settings are invalid: {describe_validation_error(exc, prefix=name)}") from None
+    return name, scheme, parsed
+
+
+def _fire(model, event: GrowthEvent, init: tuple[str, Any, Any] = ("zero", None, None)) -> GrowthEvent:
     from arbor.plugins import call_hook
 
     model.config.validate_arbor()
+    name, scheme, settings = init
+    event.init = name
+    if scheme is not None:
+        event.exact = bool(getattr(scheme, "exact", False))
+        with torch.no_grad():
+            scheme.initialize(model, event, settings)
     hook = "arbor_grow_depth" if event.axis == "depth" else "arbor_grow_width"
     call_hook(hook, model=model, event=event)
     return event
@@ -181,7 +234,7 @@ def _layer_list(model, layers) -> list[int]:
 
 
 # ---------------------------------------------------------------------- depth
-def insert_layers(model, positions: list[int]) -> GrowthEvent:
+def insert_layers(model, positions: list[int], *, init: Any = "zero", init_settings: dict | None = None) -> GrowthEvent:
     """Insert one new decoder layer before old layer ``p`` for each ``p`` in ``positions``.
 
     ``positions`` index the current stack (``len(layers)`` appends); repeated
@@ -191,6 +244,7 @@ def insert_layers(model, positions: list[int]) -> GrowthEvent:
     """
     from arbor.modeling import ArborDecoderLayer
 
+    scheme = resolve_init(init, "depth", init_settings)
     config = model.config
     stack: nn.ModuleList = model.model.layers
     n = len(stack)
@@ -251,16 +305,18 @@ def insert_layers(model, positions: list[int]) -> GrowthEvent:
             event.new_shapes[name] = tuple(p.shape)
         elif id(p) in old_names and old_names[id(p)] != name:
             event.renamed[old_names[id(p)]] = name
-    return _fire(model, event)
+    return _fire(model, event, scheme)
 
 
 # ------------------------------------------------------------------------ ffn
-def widen_mlp(model, intermediate_size: int, layers=None) -> GrowthEvent:
+def widen_mlp(model, intermediate_size: int, layers=None, *, init: Any = "zero",
+              init_settings: dict | None = None) -> GrowthEvent:
     """Widen the FFN of ``layers`` (default: all) to ``intermediate_size`` units.
 
     New units read the input with random gate/up rows and write nothing: their
     down-projection columns start at zero.
     """
+    scheme = resolve_init(init, "ffn", init_settings)
     config = model.config
     idx = _layer_list(model, layers)
     if not isinstance(intermediate_size, int) or intermediate_size < 1:
@@ -292,11 +348,12 @@ def widen_mlp(model, intermediate_size: int, layers=None) -> GrowthEvent:
         event.layers.append(i)
     if layers is None:
         config.intermediate_size = max(config.intermediate_size, intermediate_size)
-    return _fire(model, event)
+    return _fire(model, event, scheme)
 
 
 # ---------------------------------------------------------------------- heads
-def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None) -> GrowthEvent:
+def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None, *,
+              init: Any = "zero", init_settings: dict | None = None) -> GrowthEvent:
     """Give ``layers`` (default: all) ``num_attention_heads`` query and ``num_key_value_heads`` kv heads.
 
     Grouped-query attention maps query head ``h`` to kv head ``h // group``.
@@ -305,16 +362,20 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
     changes nothing), new kv heads are appended, and new query heads fill the
     free slots with zero output columns. The group size may grow, never shrink.
     """
+    scheme = resolve_init(init, "heads", init_settings)
     config = model.config
     idx = _layer_list(model, layers)
     event = GrowthEvent(axis="heads", layers=[])
     std = _std(model)
     hd = config.head_dim
-    for i in idx:
+    plan = []
+    for i in idx:  # check every layer before touching any, so an error leaves the model as it was
         attn = model.model.layers[i].self_attn
         q_old, kv_old = attn.num_heads, attn.num_key_value_heads
         q_new = num_attention_heads
         kv_new = kv_old if num_key_value_heads is None else num_key_value_heads
+        if not all(isinstance(v, int) and v >= 1 for v in (q_new, kv_new)):
+            raise GrowthError(f"num_attention_heads={q_new!r}, num_key_value_heads={kv_new!r} must be positive integers")
         if q_new < q_old or kv_new < kv_old:
             raise GrowthError(
                 f"num_attention_heads={q_new}, num_key_value_heads={kv_new} would shrink layer {i} "
@@ -329,8 +390,9 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
                 f"{g_old} per group now; old query heads could not keep their kv head. Allowed: "
                 f"num_attention_heads >= {g_old} * num_key_value_heads"
             )
-        if (q_new, kv_new) == (q_old, kv_old):
-            continue
+        if (q_new, kv_new) != (q_old, kv_old):
+            plan.append((i, attn, q_old, kv_old, q_new, kv_new, g_old, g_new))
+    for i, attn, q_old, kv_old, q_new, kv_new, g_old, g_new in plan:
         device = attn.q_proj.weight.device
         # Slot of old head h in the new layout: same kv head, same rank within its group.
         heads = torch.arange(q_old, device=device)
@@ -360,11 +422,11 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
             config.num_key_value_heads = max(config.num_key_value_heads, num_key_value_heads)
         if config.num_attention_heads % config.num_key_value_heads:
             config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
-    return _fire(model, event)
+    return _fire(model, event, scheme)
 
 
 # --------------------------------------------------------------------- hidden
-def widen_hidden(model, hidden_size: int) -> GrowthEvent:
+def widen_hidden(model, hidden_size: int, *, init: Any = "zero", init_settings: dict | None = None) -> GrowthEvent:
     """Grow the residual stream (d_model) to ``hidden_size``.
 
     New residual dimensions start at zero everywhere: zero embedding columns
@@ -374,12 +436,13 @@ def widen_hidden(model, hidden_size: int) -> GrowthEvent:
     ``sqrt(d_old / d_new)`` and ``rms_norm_eps`` by ``d_old / d_new`` cancels
     that exactly, epsilon included.
     """
+    scheme = resolve_init(init, "hidden", init_settings)
     config = model.config
     d_old, d_new = config.hidden_size, hidden_size
     if not isinstance(d_new, int) or d_new < d_old:
         raise GrowthError(f"hidden_size={hidden_size!r} is invalid: must be an integer >= the current {d_old}")
     if d_new == d_old:
-        return _fire(model, GrowthEvent(axis="hidden", layers=[]))
+        return _fire(model, GrowthEvent(axis="hidden", layers=[]), scheme)
     embed = model.model.embed_tokens
     if not isinstance(embed, nn.Embedding):
         grow = getattr(embed, "grow_hidden", None)
@@ -428,71 +491,13 @@ def widen_hidden(model, hidden_size: int) -> GrowthEvent:
         _set_linear_shape(model.lm_head)
     config.hidden_size = d_new
     config.rms_norm_eps = config.rms_norm_eps * ratio
-    return _fire(model, event)
+    return _fire(model, event, scheme)
 
 
-# ------------------------------------------------------------------ model API
-class GrowableMixin:
-    """The growth methods of `ArborForCausalLM`.
+def __getattr__(name: str):
+    # The model methods moved to arbor.growable; keep the old import path working.
+    if name == "GrowableMixin":
+        from arbor.growable import GrowableMixin
 
-    Every method grows the model in place and exactly (with the default
-    ``init="zero"``), fires the matching ``arbor_grow_*`` hook, moves the state
-    of ``optimizer`` (and ``scheduler``) into the new shapes when given, and
-    returns the `GrowthEvent`.
-    """
-
-    def grow_depth(self, num_layers: int = 1, positions: list[int] | None = None, policy: str | None = None,
-                   init: str = "zero", optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
-        """Insert ``num_layers`` new layers at ``positions`` (indices into the current
-        stack), where the insertion ``policy`` says, or by default at the middle."""
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise GrowthError(f"num_layers={num_layers!r} is invalid: must be a positive integer")
-        if positions is not None and policy is not None:
-            raise GrowthError("give positions or policy, not both")
-        n = self.config.num_hidden_layers
-        if positions is None and policy is not None:
-            from arbor.plugins import get_registry
-
-            positions = list(get_registry().get("insertion_policy", policy).positions(self, num_layers))
-        elif positions is None:
-            positions = [n // 2] * num_layers  # Arbor's rule: the middle of the stack
-        elif len(positions) != num_layers:
-            raise GrowthError(f"positions={positions} has {len(positions)} entries but num_layers={num_layers}")
-        return self._finish(lambda: insert_layers(self, list(positions)), init, optimizer, scheduler, optim_kwargs)
-
-    def grow_width(self, intermediate_size: int, layers=None, init: str = "zero", optimizer=None,
-                   scheduler=None, **optim_kwargs) -> GrowthEvent:
-        """Widen the FFN of ``layers`` (default: all) to ``intermediate_size``."""
-        return self._finish(lambda: widen_mlp(self, intermediate_size, layers), init, optimizer, scheduler,
-                            optim_kwargs)
-
-    def grow_heads(self, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None,
-                   init: str = "zero", optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
-        """Give ``layers`` (default: all) more query and optionally kv heads."""
-        return self._finish(lambda: add_heads(self, num_attention_heads, num_key_value_heads, layers), init,
-                            optimizer, scheduler, optim_kwargs)
-
-    def grow_hidden(self, hidden_size: int, init: str = "zero", optimizer=None, scheduler=None,
-                    **optim_kwargs) -> GrowthEvent:
-        """Widen the residual stream (d_model) to ``hidden_size``."""
-        return self._finish(lambda: widen_hidden(self, hidden_size), init, optimizer, scheduler, optim_kwargs)
-
-    def _finish(self, operate, init: str, optimizer, scheduler, optim_kwargs) -> GrowthEvent:
-        scheme = None
-        if init != "zero":  # "zero" is what the operators build; other schemes come from plugins
-            from arbor.plugins import get_registry
-
-            scheme = get_registry().get("init_scheme", init)
-        if optim_kwargs and optimizer is None:
-            raise GrowthError(f"{', '.join(optim_kwargs)} only apply together with optimizer=")
-        event = operate()
-        if scheme is not None:
-            event.init = init
-            event.exact = bool(getattr(scheme, "exact", False))
-            scheme.initialize(self, event)
-        if optimizer is not None:
-            from arbor.optim import carry_over
-
-            rebind_optimizer(optimizer, event)
-            carry_over(optimizer, self, event, scheduler=scheduler, **optim_kwargs)
-        return event
+        return GrowableMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,8 +67,12 @@ def _rebind(optimizer, old: torch.Tensor, new: torch.Tensor) -> bool:
     return found
 
 
-def _resize_state(state: dict, info, scales) -> tuple[list[str], list[str]]:
-    """Resize the tensors of one parameter's state in place; returns (resized keys, odd-shaped keys)."""
+def _resize_state(state: dict, info, scales, sources=None) -> tuple[list[str], list[str]]:
+    """Resize the tensors of one parameter's state in place; returns (resized keys, odd-shaped keys).
+
+    ``sources`` (``(dim, dst, src)``) copies the resized state of duplicated
+    units to their copies, so a split unit's copy starts with its original's moments.
+    """
     resized, odd = [], []
     index = info.old_index()
     for key, value in list(state.items()):
@@ -85,6 +89,9 @@ def _resize_state(state: dict, info, scales) -> tuple[list[str], list[str]]:
             old = old * factor.to(device=old.device, dtype=old.dtype)
         new = old.new_zeros(info.new_shape)
         new[index] = old
+        if sources is not None:
+            dim, dst, src = sources
+            new.index_copy_(dim, dst.to(new.device), new.index_select(dim, src.to(new.device)))
         state[key] = new
         resized.append(key)
     return resized, odd
@@ -229,7 +236,8 @@ def carry_over(
         state = optimizer.state.get(new)
         if not state:
             continue
-        keys, odd = _resize_state(state, info, event.moment_scales.get(name))
+        keys, odd = _resize_state(state, info, event.moment_scales.get(name),
+                                  getattr(event, "moment_sources", {}).get(name))
         if odd:
             odd_all[name] = odd
             optimizer.state.pop(new)
