@@ -34,6 +34,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from arbor.config import ArborConfig
+from arbor.freezing import FreezableMixin
 from arbor.growth import GrowableMixin
 
 
@@ -323,7 +324,7 @@ class ArborModel(ArborPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
-class ArborForCausalLM(GrowableMixin, ArborPreTrainedModel, GenerationMixin):
+class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, GenerationMixin):
     """`ArborModel` with a language-modelling head; ``labels`` give the shifted loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
