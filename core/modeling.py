@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from arbor.config import ArborConfig
 from arbor.freezing import FreezableMixin
-from arbor.growth import GrowableMixin
+from arbor.growable import GrowableMixin
 
 
 class ArborRMSNorm(nn.Module):
