@@ -192,6 +192,87 @@ def presets_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- export
+EXPORT_FORMATS = ("llama",)
+#: Tokenizer files a checkpoint directory may hold; copied next to the export as they are.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="an arbor checkpoint directory (save_pretrained)")
+    p.add_argument("out", metavar="OUT", help="directory to write the exported checkpoint to")
+    p.add_argument("--to", required=True, metavar="FORMAT", help=f"target format: {', '.join(EXPORT_FORMATS)}")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved weights (default: the checkpoint's); checked in float32 first")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="largest allowed logit difference between arbor and the reloaded export (default: 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+
+
+def _checkpoint_config(path: str) -> dict:
+    """The checkpoint's config.json, after checking that it is an arbor checkpoint."""
+    directory = os.path.abspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{path} is not an arbor checkpoint: it has no config.json")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not an arbor checkpoint: config.json cannot be read ({exc})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "arbor":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{path} is not an arbor checkpoint: config.json has model_type={found!r}, expected 'arbor'")
+    return config
+
+
+@command("export", "Export an arbor checkpoint as a plain Hugging Face Llama checkpoint, verified.",
+         _export_arguments)
+def export_command(args: argparse.Namespace) -> int:
+    if args.to not in EXPORT_FORMATS:
+        raise ValueError(f"--to {args.to!r} is not a known format; allowed: {', '.join(EXPORT_FORMATS)}")
+    raw = _checkpoint_config(args.checkpoint)
+    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+        raise ValueError(f"OUT {args.out} is the checkpoint itself; choose another directory")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite:
+        raise ValueError(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
+    import shutil
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from arbor.export import to_llama
+    from arbor.modeling import ArborForCausalLM
+
+    hf_logging.disable_progress_bar()  # one line per phase below instead of transformers' bars on stderr
+    saved = raw.get("dtype", raw.get("torch_dtype"))
+    dtype = args.dtype or (saved if saved in ("float32", "bfloat16", "float16") else "float32")
+    print(f"loading {args.checkpoint}")
+    try:  # float32 whatever was saved: the export is checked in float32, then cast
+        model = ArborForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    except OSError as exc:
+        raise ValueError(f"cannot load {args.checkpoint}: {str(exc).strip().splitlines()[0]}") from None
+    report = to_llama(model, args.out, atol=args.atol, dtype=dtype, overwrite=args.overwrite,
+                      progress=lambda message: print(f"  {message}", flush=True))
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = os.path.join(args.checkpoint, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, report.out_dir / name)
+            copied.append(name)
+    for line in report.lines():
+        print(line)
+    print(f"tokenizer: copied {', '.join(copied)}" if copied else f"tokenizer: none found in {args.checkpoint}")
+    if "tokenizer_config.json" in copied and '"auto_map"' in (report.out_dir / "tokenizer_config.json").read_text():
+        print("note: tokenizer_config.json has an auto_map; that tokenizer needs its own code to load")
+    return 0
+
+
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""

@@ -3,31 +3,74 @@
 `to_llama_config` describes an arbor model as a `LlamaConfig`; every
 parameter name already matches, so a uniform model's state dict loads into
 `LlamaForCausalLM` unchanged.
+
+`to_llama` writes a checkpoint that ``LlamaForCausalLM.from_pretrained``
+loads without arbor installed. Llama has one FFN width and one head layout
+for every layer, so a grown, uneven model is padded up to the largest layer
+with units and heads that compute nothing (zero weights on every path into the
+residual stream): the export is exact, and it proves it by reloading what it
+wrote and comparing logits before the directory appears under its name.
 """
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+import copy
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig
 
 from arbor.config import ArborConfig
 
+#: Weight dtypes an export may be saved in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def to_llama_config(config: ArborConfig, **overrides) -> LlamaConfig:
-    """The `LlamaConfig` of the same architecture; the config must be uniform across layers."""
-    if not config.is_uniform:
-        raise ValueError(
-            "to_llama_config needs equal FFN widths and head counts in every layer; "
-            f"got layer_intermediate_sizes={config.layer_intermediate_sizes}, "
-            f"layer_num_attention_heads={config.layer_num_attention_heads}, "
-            f"layer_num_key_value_heads={config.layer_num_key_value_heads}"
-        )
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked, or the written checkpoint failed its check."""
+
+
+def to_llama_config(
+    config: ArborConfig,
+    *,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    **overrides,
+) -> LlamaConfig:
+    """The `LlamaConfig` of the same architecture.
+
+    Llama has one size per model; a per-layer size that differs between
+    layers must be given (the uniform size the layers are padded to, at least
+    the largest layer's), otherwise the config must be uniform in it.
+    """
+    per_layer = {
+        "intermediate_size": (config.layer_intermediate_sizes, intermediate_size),
+        "num_attention_heads": (config.layer_num_attention_heads, num_attention_heads),
+        "num_key_value_heads": (config.layer_num_key_value_heads, num_key_value_heads),
+    }
+    sizes = {}
+    for name, (values, given) in per_layer.items():
+        if given is None and len(set(values)) > 1:
+            raise ValueError(
+                "to_llama_config needs equal FFN widths and head counts in every layer (or the padded "
+                f"sizes given); got layer_intermediate_sizes={config.layer_intermediate_sizes}, "
+                f"layer_num_attention_heads={config.layer_num_attention_heads}, "
+                f"layer_num_key_value_heads={config.layer_num_key_value_heads}; arbor.export.to_llama pads them"
+            )
+        if given is not None and given < max(values):
+            raise ValueError(f"{name}={given} is invalid: must be >= the largest layer's {max(values)}")
+        sizes[name] = values[0] if given is None else given
     kwargs = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        **sizes,
         num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
@@ -45,3 +88,358 @@ def to_llama_config(config: ArborConfig, **overrides) -> LlamaConfig:
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ padding
+def uniform_heads(config: ArborConfig) -> tuple[int, int]:
+    """The (query heads, kv heads) every layer is padded to.
+
+    Each layer's kv heads and group size must fit: KV >= max kv heads and
+    G = Q / KV >= max group. The smallest such layout is KV = max kv,
+    G = max group, but `LlamaConfig` also insists that the head count divide
+    hidden_size (even though head_dim is explicit), so when that fails the
+    smallest larger layout that divides it is taken.
+    """
+    hidden = config.hidden_size
+    kv_min = max(config.layer_num_key_value_heads)
+    g_min = max(q // kv for q, kv in zip(config.layer_num_attention_heads, config.layer_num_key_value_heads))
+    for q in range(kv_min * g_min, hidden + 1):
+        if hidden % q:
+            continue
+        for kv in range(kv_min, q // g_min + 1):
+            if q % kv == 0:
+                return q, kv
+    raise ExportError(
+        f"num_attention_heads cannot be represented in Llama: LlamaConfig needs hidden_size={hidden} to be "
+        f"divisible by num_attention_heads, and the layers need at least {kv_min} kv heads x {g_min} query "
+        f"heads per kv head = {kv_min * g_min} heads; allowed: a head count that divides {hidden}"
+    )
+
+
+def _pad_rows(weight: torch.Tensor, rows: int, index=None) -> torch.Tensor:
+    """``weight`` with zero rows added up to ``rows``; old rows at ``index`` (default: first)."""
+    if weight.shape[0] == rows and index is None:
+        return weight
+    out = weight.new_zeros((rows, *weight.shape[1:]))
+    out[slice(0, weight.shape[0]) if index is None else index] = weight
+    return out
+
+
+def _head_rows(q_old: int, kv_old: int, groups: int, head_dim: int) -> torch.Tensor:
+    """Rows of the padded q_proj (columns of o_proj) that the old query heads move to.
+
+    Query head h reads kv head h // g. In the padded layout (``groups`` per kv
+    head) it keeps its kv head and its rank in the group, as `add_heads` does.
+    """
+    g_old = q_old // kv_old
+    heads = torch.arange(q_old)
+    slots = (heads // g_old) * groups + heads % g_old
+    return (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def llama_state_dict(model, intermediate_size: int, num_heads: int, num_kv_heads: int,
+                     tied: bool) -> dict[str, torch.Tensor]:
+    """The Llama tensors of ``model``, padded to uniform sizes, on the CPU, float32.
+
+    Built tensor by tensor: a tensor that needs no padding is the model's own
+    (no copy when the model is float32 on the CPU). Nothing in ``model`` is changed.
+    """
+    from arbor_plugins.components import embedding_matrix
+
+    config, hd = model.config, model.config.head_dim
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device="cpu", dtype=torch.float32)
+
+    sd = {"model.embed_tokens.weight": t(embedding_matrix(model.model.embed_tokens))}
+    groups = num_heads // num_kv_heads
+    for i, layer in enumerate(model.model.layers):
+        p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
+        q_old, kv_old = attn.num_heads, attn.num_key_value_heads
+        rows = None if (q_old, kv_old) == (num_heads, num_kv_heads) else _head_rows(q_old, kv_old, groups, hd)
+        sd[p + "self_attn.q_proj.weight"] = _pad_rows(t(attn.q_proj.weight), num_heads * hd, rows)
+        sd[p + "self_attn.k_proj.weight"] = _pad_rows(t(attn.k_proj.weight), num_kv_heads * hd)
+        sd[p + "self_attn.v_proj.weight"] = _pad_rows(t(attn.v_proj.weight), num_kv_heads * hd)
+        sd[p + "self_attn.o_proj.weight"] = _pad_rows(t(attn.o_proj.weight).T, num_heads * hd, rows).T
+        sd[p + "mlp.gate_proj.weight"] = _pad_rows(t(mlp.gate_proj.weight), intermediate_size)
+        sd[p + "mlp.up_proj.weight"] = _pad_rows(t(mlp.up_proj.weight), intermediate_size)
+        sd[p + "mlp.down_proj.weight"] = _pad_rows(t(mlp.down_proj.weight).T, intermediate_size).T
+        sd[p + "input_layernorm.weight"] = t(layer.input_layernorm.weight)
+        sd[p + "post_attention_layernorm.weight"] = t(layer.post_attention_layernorm.weight)
+    sd["model.norm.weight"] = t(model.model.norm.weight)
+    if not tied:  # a tied head is the embedding; Llama's checkpoints leave it out
+        sd["lm_head.weight"] = t(model.lm_head.weight)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _padding_parameters(config: ArborConfig, ffn: int, heads: int, kv_heads: int) -> int:
+    """How many zero parameters padding every layer to these sizes adds."""
+    h, hd = config.hidden_size, config.head_dim
+    return sum(
+        3 * h * (ffn - w) + 2 * h * hd * ((heads - q) + (kv_heads - kv))
+        for w, q, kv in zip(config.layer_intermediate_sizes, config.layer_num_attention_heads,
+                            config.layer_num_key_value_heads)
+    )
+
+
+# ------------------------------------------------------------------- report
+@dataclass
+class ExportReport:
+    """What `to_llama` wrote and how it checked it."""
+
+    out_dir: Path
+    #: Largest |arbor logit - reloaded Llama logit| over the probe's unmasked positions (float32).
+    max_abs_diff: float
+    atol: float
+    #: Field -> (per-layer sizes before, uniform size after), only for fields that were padded.
+    padded: dict[str, tuple[list[int], int]]
+    num_parameters: int
+    #: Zero parameters the padding added.
+    padding_parameters: int
+    tied: bool
+    #: Dtype of the saved weights; verification always ran in float32 before any cast.
+    dtype: str
+    verified_dtype: str = "float32"
+    #: After a cast: largest logit difference of the saved (cast) weights, upcast, against the
+    #: float32 model. Rounding, reported, not checked.
+    cast_max_abs_diff: float | None = None
+    attn_implementation: str = "eager"
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A short human summary, one fact a line."""
+        pads = "; ".join(f"{k} {before} -> {after}" for k, (before, after) in self.padded.items())
+        out = [
+            f"wrote {self.out_dir} (LlamaForCausalLM, {self.num_parameters:,} parameters, {self.dtype}"
+            f"{', tied embeddings' if self.tied else ''})",
+            f"padded: {pads} ({self.padding_parameters:,} zero parameters)" if pads else "padded: nothing",
+            f"verified: max abs logit difference {self.max_abs_diff:.3g} <= atol {self.atol:g} "
+            f"({self.verified_dtype}, {self.attn_implementation})",
+        ]
+        if self.cast_max_abs_diff is not None:
+            out.append(f"saved as {self.dtype}: max abs logit difference after the cast {self.cast_max_abs_diff:.3g}")
+        return out + self.notes
+
+
+# ------------------------------------------------------------------- export
+def default_probe(vocab_size: int, max_positions: int, pad_token_id: int | None):
+    """A fixed small batch: random ids, one row left-padded (mask 0 on the padding)."""
+    gen = torch.Generator().manual_seed(0)
+    length = min(12, max_positions)
+    ids = torch.randint(0, vocab_size, (3, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, : length // 2] = 0
+    ids[1, : length // 2] = pad_token_id if pad_token_id is not None and pad_token_id < vocab_size else 0
+    return ids, mask
+
+
+def _probe(config: ArborConfig, input_ids, attention_mask):
+    if input_ids is None:
+        return default_probe(config.vocab_size, config.max_position_embeddings, config.pad_token_id)
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.numel() == 0 or ids.is_floating_point():
+        raise ExportError(f"probe_input_ids of shape {tuple(ids.shape)} is invalid: must be integer ids (batch, seq)")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise ExportError(
+            f"probe_input_ids holds ids in [{ids.min().item()}, {ids.max().item()}]; "
+            f"allowed: 0 to vocab_size-1={config.vocab_size - 1}"
+        )
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    if mask.shape != ids.shape or not mask.bool().any():
+        raise ExportError(
+            f"probe_attention_mask of shape {tuple(mask.shape)} is invalid: must have the shape of "
+            f"probe_input_ids {tuple(ids.shape)} and at least one 1"
+        )
+    return ids.long(), mask.long()
+
+
+def _logits(model, ids, mask) -> torch.Tensor:
+    """float32 logits at the unmasked positions, computed in eval mode; training flags restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    finally:
+        for m, training in modes:
+            m.training = training
+    return out.float().cpu()[mask.bool()]
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"out_dir {os.fspath(out)} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"out_dir {os.fspath(out)} exists and is not empty; pass overwrite=True to replace it")
+
+
+def _save(sd: dict[str, torch.Tensor], llama_config: LlamaConfig, generation: GenerationConfig | None,
+          directory: Path, dtype: torch.dtype) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    for old in [*directory.glob("*.safetensors"), *directory.glob("*.safetensors.index.json")]:
+        old.unlink()
+    save_torch_state_dict({k: v.to(dtype) for k, v in sd.items()}, directory)
+    llama_config.dtype = dtype
+    llama_config.save_pretrained(directory)
+    if generation is not None:
+        generation.save_pretrained(directory)
+
+
+def _reload(directory: Path, device):
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # transformers' loading bar goes to stderr; the export reports its own phases.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        llama, info = LlamaForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ExportError(f"the written checkpoint does not load cleanly into LlamaForCausalLM: {problems}")
+    return llama.to(device)
+
+
+def to_llama(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    probe_input_ids=None,
+    probe_attention_mask=None,
+    atol: float = 1e-5,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Write ``model`` (an `ArborForCausalLM`) as a plain `LlamaForCausalLM` checkpoint in ``out_dir``.
+
+    Uneven layers are padded with zero FFN units and zero heads, which changes
+    no output; the substrate is written as an ordinary embedding matrix. The
+    checkpoint is written into a temporary sibling directory, reloaded with
+    ``LlamaForCausalLM.from_pretrained`` and run on a probe batch (default: a
+    fixed random batch with a left-padded row) next to ``model``; only if the
+    float32 logits agree within ``atol`` is it cast to ``dtype`` (default: the
+    model's dtype) and renamed to ``out_dir``. Otherwise `ExportError`, and
+    ``out_dir`` is left as it was. ``model`` is not changed and no growth hook
+    fires; a model that is not float32 is checked through a float32 copy.
+    """
+    say = progress or (lambda message: None)
+    config = getattr(model, "config", None)
+    if not isinstance(config, ArborConfig):
+        raise ExportError(
+            f"model of type {type(model).__name__} is not an arbor model (config: {type(config).__name__})"
+        )
+    model_dtype = next(model.parameters()).dtype
+    if dtype is None:
+        dtype = model_dtype if model_dtype in DTYPES.values() else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ExportError(f"dtype={dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ExportError(f"dtype={dtype} is invalid: must be one of {', '.join(f'torch.{d}' for d in DTYPES)}")
+    if not atol >= 0:
+        raise ExportError(f"atol={atol!r} is invalid: must be a number >= 0")
+    out = Path(out_dir).absolute()
+    _check_target(out, overwrite)
+    ids, mask = _probe(config, probe_input_ids, probe_attention_mask)
+
+    # --- sizes every layer is padded to
+    ffn = max(config.layer_intermediate_sizes)
+    heads, kv_heads = uniform_heads(config)
+    padded = {}
+    for name, values, target in (("intermediate_size", config.layer_intermediate_sizes, ffn),
+                                 ("num_attention_heads", config.layer_num_attention_heads, heads),
+                                 ("num_key_value_heads", config.layer_num_key_value_heads, kv_heads)):
+        if any(v != target for v in values):
+            padded[name] = (list(values), target)
+    # Hooks (arbor_rope_config) may have changed the RoPE tables the model actually runs with.
+    rope = getattr(getattr(model.model.rotary_emb, "config", None), "rope_parameters", None) or config.rope_parameters
+    from arbor_plugins.components import embedding_matrix
+
+    embed = embedding_matrix(model.model.embed_tokens)
+    tied = bool(config.tie_word_embeddings) and (
+        model.lm_head.weight is embed or torch.equal(model.lm_head.weight, embed)
+    )
+    notes = []
+    if config.tie_word_embeddings and not tied:
+        notes.append("note: the config says tied embeddings but the head differs from the embedding; exported untied")
+    if config.substrate != "learned":
+        notes.append(f"note: substrate {config.substrate!r} written as an ordinary (trainable) embedding matrix")
+    try:
+        llama_config = to_llama_config(config, intermediate_size=ffn, num_attention_heads=heads,
+                                       num_key_value_heads=kv_heads, rope_parameters=dict(rope),
+                                       tie_word_embeddings=tied)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ExportError(f"the model cannot be described as a LlamaConfig: {reason}") from None
+    llama_config.architectures = ["LlamaForCausalLM"]
+    generation = copy.deepcopy(getattr(model, "generation_config", None))
+
+    say(f"padding to intermediate_size={ffn}, num_attention_heads={heads}, num_key_value_heads={kv_heads}")
+    sd = llama_state_dict(model, ffn, heads, kv_heads, tied)
+    num_parameters = sum(v.numel() for v in sd.values())
+    reference = model if model_dtype == torch.float32 else copy.deepcopy(model).float()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        say(f"writing float32 weights to {tmp}")
+        _save(sd, llama_config, generation, tmp, torch.float32)
+        say("reloading with LlamaForCausalLM.from_pretrained and comparing logits")
+        device = next(reference.parameters()).device
+        expected = _logits(reference, ids, mask)
+        llama = _reload(tmp, device)
+        max_diff = _diff(_logits(llama, ids, mask), expected)
+        del llama
+        if not max_diff <= atol:  # NaN fails too
+            raise ExportError(
+                f"verification failed: the reloaded Llama's logits differ from the arbor model's by up to "
+                f"{max_diff:.3g}, more than atol={atol:g}; nothing was written to {os.fspath(out)}"
+            )
+        cast_diff = None
+        if dtype != torch.float32:
+            say(f"casting the saved weights to {str(dtype).removeprefix('torch.')}")
+            _save(sd, llama_config, generation, tmp, dtype)
+            llama = _reload(tmp, device)  # upcast on load: what is measured is the rounding alone
+            cast_diff = _diff(_logits(llama, ids, mask), expected)
+            del llama
+        _check_target(out, overwrite)  # again: the target may have appeared meanwhile
+        if out.is_dir() and any(out.iterdir()):  # overwrite: move the old export aside, then drop it
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.is_dir():
+                out.rmdir()
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"done: {out}")
+    return ExportReport(
+        out_dir=out,
+        max_abs_diff=max_diff,
+        atol=atol,
+        padded=padded,
+        num_parameters=num_parameters,
+        padding_parameters=_padding_parameters(config, ffn, heads, kv_heads),
+        tied=tied,
+        dtype=str(dtype).removeprefix("torch."),
+        cast_max_abs_diff=cast_diff,
+        notes=notes,
+    )
