@@ -36,8 +36,9 @@ class GrowthSpec(BaseModel):
     * ``heads``: ``add`` query heads and ``add_kv`` kv heads to every layer in ``layers``;
     * ``hidden``: d_model to ``factor`` x or ``add`` + the current one.
 
-    ``init`` / ``init_settings`` name the init scheme; ``plugins.toml``'s
-    ``[init_scheme]`` overrides them.
+    ``init`` / ``init_settings`` name the init scheme; without them the
+    ``[init_scheme]`` of ``plugins.toml`` decides, and without that ``"zero"``.
+    ``policy`` likewise falls back to ``[insertion_policy]``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -50,8 +51,8 @@ class GrowthSpec(BaseModel):
     add: int | None = Field(None, ge=1)
     add_kv: int = Field(0, ge=0)
     layers: list[int] | None = None
-    init: str = "zero"
-    init_settings: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = None
+    init_settings: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GrowthSpec:
@@ -155,19 +156,19 @@ class GrowableMixin:
 
         ``plugins`` is a ``plugins.toml`` path or a loaded selection (default:
         ``./plugins.toml`` when present); its ``[init_scheme]`` and
-        ``[insertion_policy]`` tables, with their settings, override the
-        spec's. With neither, the step is Arbor's: 4 new layers at the middle,
-        zero-initialised (exact).
+        ``[insertion_policy]`` tables, with their settings, apply where the
+        spec names none. With neither, the step is Arbor's: 4 new layers at
+        the middle, zero-initialised (exact).
         """
         from arbor.plugins_toml import load_plugins_toml
 
         spec = parse_growth_spec(spec if spec is not None else getattr(self.config, "growth", None))
         selection = plugins if hasattr(plugins, "choices") else load_plugins_toml(plugins)
-        init, init_settings = spec.init, spec.init_settings
-        if selection.name("init_scheme"):
+        init, init_settings = spec.init or "zero", spec.init_settings
+        if spec.init is None and selection.name("init_scheme"):
             init, init_settings = selection.name("init_scheme"), selection.settings("init_scheme").model_dump()
         policy = spec.policy
-        if spec.axis == "depth" and spec.positions is None and selection.name("insertion_policy"):
+        if policy is None and spec.positions is None and selection.name("insertion_policy"):
             policy = (selection.name("insertion_policy"), selection.settings("insertion_policy").model_dump())
         common = dict(init=init, init_settings=init_settings, optimizer=optimizer, scheduler=scheduler,
                       **optim_kwargs)
