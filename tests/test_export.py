@@ -62,7 +62,10 @@ def load_llama(path) -> LlamaForCausalLM:
 def assert_same_function(model, path):
     llama = load_llama(path)
     ids, mask = padded_batch(model.config.vocab_size)
-    assert (logits(llama, ids, mask) - logits(model, ids, mask)).abs().max().item() <= ATOL
+    expected = logits(model, ids, mask)
+    # 1e-5 at logits of order 1; float32 rounding grows with the logits, and so does the bound.
+    bound = ATOL * max(1.0, expected.abs().max().item())
+    assert (logits(llama, ids, mask) - expected).abs().max().item() <= bound
     return llama
 
 
