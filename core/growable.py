@@ -18,7 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from arbor.growth import GrowthError, GrowthEvent, add_heads, insert_layers, rebind_optimizer, widen_hidden, widen_mlp
+from arbor.growth import (
+    GrowthError,
+    GrowthEvent,
+    add_heads,
+    following,
+    insert_layers,
+    rebind_optimizer,
+    widen_hidden,
+    widen_mlp,
+)
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["GrowableMixin", "GrowthSpec", "parse_growth_spec"]
@@ -124,14 +133,16 @@ class GrowableMixin:
             raise GrowthError(f"num_layers={num_layers!r} is invalid: must be a positive integer")
         _check_optim(optimizer, optim_kwargs)
         positions = _resolve_positions(self, num_layers, positions, policy, init)
-        event = insert_layers(self, positions, init=init, init_settings=init_settings)
+        with following(optimizer):
+            event = insert_layers(self, positions, init=init, init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)
 
     def grow_width(self, intermediate_size: int, layers=None, init: str = "zero", init_settings: dict | None = None,
                    optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the FFN of ``layers`` (default: all) to ``intermediate_size``."""
         _check_optim(optimizer, optim_kwargs)
-        event = widen_mlp(self, intermediate_size, layers, init=init, init_settings=init_settings)
+        with following(optimizer):
+            event = widen_mlp(self, intermediate_size, layers, init=init, init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)
 
     def grow_heads(self, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None,
@@ -139,15 +150,17 @@ class GrowableMixin:
                    **optim_kwargs) -> GrowthEvent:
         """Give ``layers`` (default: all) more query and optionally kv heads."""
         _check_optim(optimizer, optim_kwargs)
-        event = add_heads(self, num_attention_heads, num_key_value_heads, layers, init=init,
-                          init_settings=init_settings)
+        with following(optimizer):
+            event = add_heads(self, num_attention_heads, num_key_value_heads, layers, init=init,
+                              init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)
 
     def grow_hidden(self, hidden_size: int, init: str = "zero", init_settings: dict | None = None, optimizer=None,
                     scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the residual stream (d_model) to ``hidden_size``."""
         _check_optim(optimizer, optim_kwargs)
-        event = widen_hidden(self, hidden_size, init=init, init_settings=init_settings)
+        with following(optimizer):
+            event = widen_hidden(self, hidden_size, init=init, init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)
 
     def grow(self, spec: dict | GrowthSpec | None = None, plugins: str | Path | Any = None, optimizer=None,

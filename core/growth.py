@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +137,29 @@ def _grow_tensor(
     setattr(module, attr, replacement)
     info.old_param = weakref.ref(param)
     info.new_param = replacement
+    optimizer = _OPTIMIZER.get()
+    if optimizer is not None:  # hand over now, so the old tensor and its state are freed as we go
+        from arbor.optim import hand_over
+
+        hand_over(optimizer, param, replacement, info)
     return info
+
+
+#: The optimizer of the growth step in progress (set by `following`): resized parameters are
+#: handed over to it one by one, which keeps peak memory near the size of what is added.
+_OPTIMIZER: ContextVar[Any] = ContextVar("arbor_growth_optimizer", default=None)
+
+
+@contextmanager
+def following(optimizer):
+    """Within this block, growth operators move ``optimizer``'s groups and state to each resized
+    parameter as soon as it is replaced. `arbor.optim.carry_over` still runs afterwards for the
+    rest (moment scales, new layers' param group, frozen parameters)."""
+    token = _OPTIMIZER.set(optimizer)
+    try:
+        yield optimizer
+    finally:
+        _OPTIMIZER.reset(token)
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, event: GrowthEvent) -> None:
@@ -460,11 +484,15 @@ def widen_hidden(model, hidden_size: int, *, init: Any = "zero", init_settings: 
         _record(event, name, _grow_tensor(module, "weight", shape, {}, fill))
 
     with torch.no_grad():
+        # The embedding first, while little else has grown: it is usually the largest tensor, and
+        # its old and new copies coexist for a moment.
         if isinstance(embed, nn.Embedding):
             grow("model.embed_tokens.weight", embed, (embed.num_embeddings, d_new), _zeros)
             embed.embedding_dim = d_new
         else:
             embed.grow_hidden(d_new)
+        if tied:  # re-tie at once, or the head would keep the old matrix alive until the end
+            model.lm_head.weight = model.model.embed_tokens.weight
         norms = []
         for i, layer in enumerate(model.model.layers):
             p = f"model.layers.{i}."
@@ -484,9 +512,7 @@ def widen_hidden(model, hidden_size: int, *, init: Any = "zero", init_settings: 
             grow(name + ".weight", norm, (d_new,), lambda t: t.fill_(1.0))
             norm.weight.mul_(math.sqrt(ratio))
             norm.variance_epsilon = norm.variance_epsilon * ratio
-        if tied:  # the head shares the embedding's (already grown) tensor
-            model.lm_head.weight = model.model.embed_tokens.weight
-        else:
+        if not tied:
             grow("lm_head.weight", model.lm_head, (model.lm_head.out_features, d_new), _normal(std))
         _set_linear_shape(model.lm_head)
     config.hidden_size = d_new

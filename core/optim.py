@@ -78,23 +78,42 @@ def _resize_state(state: dict, info, scales, sources=None) -> tuple[list[str], l
     for key, value in list(state.items()):
         if not torch.is_tensor(value) or value.dim() == 0:
             continue  # scalars (``step``) carry over unchanged
-        if tuple(value.shape) == tuple(info.new_shape):
-            continue  # already resized (carry_over called twice)
-        if tuple(value.shape) != tuple(info.old_shape):
+        if tuple(value.shape) == tuple(info.new_shape) and info.new_shape != info.old_shape:
+            new = value  # already moved (by `hand_over` during the growth step)
+        elif tuple(value.shape) == tuple(info.old_shape):
+            new = value.new_zeros(info.new_shape)
+            new[index] = value
+            state[key] = new
+            del value  # the old-shaped tensor can go before the next key is resized
+        else:
             odd.append(key)
             continue
-        old = value
         if scales is not None and key in _FIRST_MOMENT + _SECOND_MOMENT:
             factor = scales[0] if key in _FIRST_MOMENT else scales[1]
-            old = old * factor.to(device=old.device, dtype=old.dtype)
-        new = old.new_zeros(info.new_shape)
-        new[index] = old
+            new[index] = new[index] * factor.to(device=new.device, dtype=new.dtype)
         if sources is not None:
             dim, dst, src = sources
             new.index_copy_(dim, dst.to(new.device), new.index_select(dim, src.to(new.device)))
-        state[key] = new
         resized.append(key)
     return resized, odd
+
+
+def hand_over(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, info) -> None:
+    """Give ``optimizer`` the parameter ``new`` that replaced ``old``, with its state resized.
+
+    Growth operators call this for each tensor as they replace it (inside
+    `arbor.growth.following`), so the old parameter and its old-shaped state
+    are freed before the next tensor grows. Moment scales of init schemes are
+    applied later, by `carry_over`.
+    """
+    _rebind(optimizer, old, new)
+    state = optimizer.state.get(new)
+    if not state:
+        return
+    if not new.requires_grad:
+        optimizer.state.pop(new)
+        return
+    _resize_state(state, info, None)  # odd-shaped entries stay; carry_over warns and restarts them
 
 
 def drop_frozen_state(optimizer: torch.optim.Optimizer) -> int:
@@ -236,8 +255,13 @@ def carry_over(
         state = optimizer.state.get(new)
         if not state:
             continue
-        keys, odd = _resize_state(state, info, event.moment_scales.get(name),
-                                  getattr(event, "moment_sources", {}).get(name))
+        # Scales and copies apply once per event, even if carry_over runs twice.
+        done = event.__dict__.setdefault("_arbor_moments_done", set())
+        scales, sources = event.moment_scales.get(name), getattr(event, "moment_sources", {}).get(name)
+        if name in done:
+            scales = sources = None
+        done.add(name)
+        keys, odd = _resize_state(state, info, scales, sources)
         if odd:
             odd_all[name] = odd
             optimizer.state.pop(new)

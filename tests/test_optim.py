@@ -121,6 +121,37 @@ def test_grow_methods_carry_over_through_the_model_api():
     train(model, opt, batch(), 2)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_api_hands_each_tensor_over_at_once(tied, monkeypatch):
+    # Old parameters and their old-shaped moments are freed as the step goes, not at its end:
+    # that is what keeps peak memory near the size of what growth adds.
+    import gc
+    import weakref
+
+    from arbor import growth
+
+    model = tiny(tie_word_embeddings=tied)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, batch(), 1)
+    embed = model.model.embed_tokens.weight
+    old_param, old_moment = weakref.ref(embed), weakref.ref(opt.state[embed]["exp_avg"])
+    del embed
+    seen = []
+    real = growth._set_linear_shape
+
+    def spy(linear):  # runs inside widen_hidden after each projection grows; the embedding grows first
+        gc.collect()
+        seen.append(old_param() is None and old_moment() is None)
+        real(linear)
+
+    monkeypatch.setattr(growth, "_set_linear_shape", spy)
+    model.grow_hidden(48, optimizer=opt)
+    assert seen and seen[0]  # by the first projection, the old embedding and its moment are gone
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
 @pytest.mark.parametrize("axis", ["ffn", "depth", "hidden"])
 def test_frozen_parameters_hold_no_state_and_do_not_move(axis):
     model = tiny()
