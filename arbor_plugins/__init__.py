@@ -13,11 +13,15 @@ A plugin imports only this package::
 from arbor_plugins.components import (
     AttentionBackend,
     Component,
+    Decision,
+    FreezePolicy,
     InitScheme,
     InsertionPolicy,
     NoSettings,
     RopeScaling,
     Substrate,
+    Trigger,
+    TriggerState,
 )
 from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
 from arbor_plugins.registry import KINDS, ComponentConflictError, Registry, UnknownComponentError
@@ -28,12 +32,16 @@ __all__ = [
     "AttentionBackend",
     "Component",
     "ComponentConflictError",
+    "Decision",
+    "FreezePolicy",
     "InitScheme",
     "InsertionPolicy",
     "NoSettings",
     "Registry",
     "RopeScaling",
     "Substrate",
+    "Trigger",
+    "TriggerState",
     "UnknownComponentError",
     "hookimpl",
     "hookspec",

@@ -7,6 +7,7 @@ the ancestry, so duck-typed components work too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -95,6 +96,64 @@ class InitScheme(Component):
     def default_positions(self, model: Any, num_layers: int) -> list[int] | None:
         """Where new layers go when the caller names neither positions nor a policy (None: arbor's default)."""
         return None
+
+
+@dataclass
+class Decision:
+    """What a trigger decided at one step, with the reason that is logged.
+
+    ``growth`` may name the step to take (a `GrowthSpec` dict, e.g.
+    ``{"axis": "depth", "num_layers": 4}``); ``None`` leaves it to the config.
+    Every field is JSON-serialisable, so decisions go into logs and checkpoints.
+    """
+
+    grow: bool
+    reason: str
+    growth: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grow": self.grow, "reason": self.reason, "growth": self.growth}
+
+
+class TriggerState:
+    """The per-run state of a trigger: it observes training and decides when to grow.
+
+    The training loop calls ``observe`` after every optimizer step and
+    ``decide`` when it may grow; statistics arrive through
+    ``arbor_strategies.stats`` (``layer_utilization(model)``). ``state_dict``
+    must be JSON-serialisable so a resumed run decides as the uninterrupted
+    one would.
+    """
+
+    def observe(self, step: int, tokens: int, loss: float | None, model: Any) -> None:
+        """One optimizer step happened (``tokens``: total tokens seen so far)."""
+
+    def decide(self, step: int, tokens: int, model: Any) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def grew(self, step: int, tokens: int, model: Any, event: Any) -> None:
+        """The model grew (cooldowns start here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class Trigger(Component):
+    """Decides *when* to grow. The registered object is a factory: each run calls ``start``."""
+
+    def start(self, model: Any, settings: BaseModel) -> TriggerState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FreezePolicy(Component):
+    """Decides which parameters train after a growth step (PGT freezes what came before)."""
+
+    def apply(self, model: Any, event: Any, settings: BaseModel, optimizer: Any = None) -> list[str]:  # pragma: no cover
+        """Freeze / adapt parts of ``model`` after ``event``; returns the names it froze."""
+        raise NotImplementedError
 
 
 class InsertionPolicy(Component):

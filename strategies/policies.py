@@ -1,10 +1,18 @@
-"""Built-in insertion policies: where depth growth puts new layers."""
+"""Built-in insertion policies (where depth growth puts new layers) and freeze
+policies (what trains after a growth step)."""
 
 from __future__ import annotations
 
-from arbor_plugins import InsertionPolicy
+from pydantic import BaseModel, ConfigDict, Field
+
+from arbor_plugins import FreezePolicy, InsertionPolicy
 
 
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ insertion
 class MiddlePolicy(InsertionPolicy):
     description = "all new layers at the middle of the stack, len(layers) // 2 (Arbor's rule)"
 
@@ -12,19 +20,82 @@ class MiddlePolicy(InsertionPolicy):
         return [model.config.num_hidden_layers // 2] * num_layers
 
 
-class EndPolicy(InsertionPolicy):
-    description = "append new layers on top of the stack (progressive stacking, PGT)"
+class TopPolicy(InsertionPolicy):
+    description = "append new layers on top of the stack (PGT's constructive training)"
 
     def positions(self, model, num_layers: int, settings) -> list[int]:
         return [model.config.num_hidden_layers] * num_layers
 
 
-class SpreadPolicy(InsertionPolicy):
-    description = "one new layer after every len(layers) / num_layers old layers, spread evenly"
+class BottomPolicy(InsertionPolicy):
+    description = "new layers first, right after the embedding"
 
     def positions(self, model, num_layers: int, settings) -> list[int]:
+        return [0] * num_layers
+
+
+class InterleaveSettings(_Settings):
+    #: A new layer goes after every ``every``-th old layer, from the bottom, wrapping round.
+    every: int = Field(1, ge=1)
+
+
+class InterleavePolicy(InsertionPolicy):
+    description = "one new layer after every m-th old layer (setting every), from the bottom"
+    Settings = InterleaveSettings
+
+    def positions(self, model, num_layers: int, settings: InterleaveSettings) -> list[int]:
         n = model.config.num_hidden_layers
-        return [round((k + 1) * n / (num_layers + 1)) for k in range(num_layers)]
+        slots = list(range(settings.every, n + 1, settings.every)) or [n]
+        return sorted(slots[k % len(slots)] for k in range(num_layers))
 
 
-INSERTION_POLICIES = {"middle": MiddlePolicy(), "end": EndPolicy(), "spread": SpreadPolicy()}
+class StackPolicy(InsertionPolicy):
+    description = "new layers on top, in the order of the stack they repeat (G_stack; pair with init 'stack')"
+
+    def positions(self, model, num_layers: int, settings) -> list[int]:
+        return [model.config.num_hidden_layers] * num_layers
+
+
+INSERTION_POLICIES = {
+    "middle": MiddlePolicy(),
+    "top": TopPolicy(),
+    "bottom": BottomPolicy(),
+    "interleave": InterleavePolicy(),
+    "stack": StackPolicy(),
+}
+
+
+# --------------------------------------------------------------------- freeze
+class NoFreeze(FreezePolicy):
+    description = "everything keeps training"
+
+    def apply(self, model, event, settings, optimizer=None) -> list[str]:
+        return []
+
+
+class FreezeBelowSettings(_Settings):
+    #: Keep the final norm trainable with the head.
+    train_norm: bool = True
+
+
+class FreezeBelow(FreezePolicy):
+    description = "after depth growth, freeze the embeddings and every older layer; new layers and the head train (PGT)"
+    Settings = FreezeBelowSettings
+
+    def apply(self, model, event, settings: FreezeBelowSettings, optimizer=None) -> list[str]:
+        if event.axis != "depth":
+            return []  # widening keeps training everything: there are no "new layers" to isolate
+        new = set(event.layers)
+        old = [i for i in range(model.config.num_hidden_layers) if i not in new]
+        selectors = [f"layers:{','.join(map(str, old))}"] if old else []
+        tied = model.lm_head.weight is getattr(model.model.embed_tokens, "weight", None)
+        if not tied:  # with tied embeddings the head IS the embedding matrix, and the head trains
+            selectors.append("embeddings")
+        if not settings.train_norm:
+            selectors.append("norm")
+        if not selectors:
+            return []
+        return model.freeze(*selectors, optimizer=optimizer)  # new layers are trainable as inserted
+
+
+FREEZE_POLICIES = {"none": NoFreeze(), "freeze-below": FreezeBelow()}

@@ -215,7 +215,7 @@ def test_grow_follows_config_growth_and_it_saves(tmp_path):
 
 def test_grow_takes_init_and_policy_from_plugins_toml(tmp_path, fresh_plugins):
     path = tmp_path / "plugins.toml"
-    path.write_text('[init_scheme]\nname = "stack"\n\n[insertion_policy]\nname = "end"\n')
+    path.write_text('[init_scheme]\nname = "stack"\n\n[insertion_policy]\nname = "top"\n')
     model = small_model(growth={"axis": "depth", "num_layers": 2})
     event = model.grow(plugins=path)
     assert event.init == "stack" and event.layers == [3, 4] and not event.exact

@@ -115,7 +115,8 @@ def test_resolve_unavailable_backend_says_why(monkeypatch):
 
 def test_hook_helpers():
     assert has_hook_impls("arbor_register")
-    assert not has_hook_impls("arbor_pre_forward_stats")
+    assert has_hook_impls("arbor_pre_forward_stats")  # the built-in statistics collector
+    assert not has_hook_impls("arbor_rope_config")  # no built-in changes RoPE
     assert call_hook("arbor_rope_config", config=None, rope_parameters={}) is None
     with pytest.raises(ValueError, match="unknown hook 'arbor_nope'.*arbor_register"):
         has_hook_impls("arbor_nope")
