@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import GenerationConfig, LlamaConfig
 
 from arbor.config import ArborConfig
+from arbor.lora import effective_weight
 
 #: Weight dtypes an export may be saved in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,7 +150,9 @@ def llama_state_dict(model, intermediate_size: int, num_heads: int, num_kv_heads
 
     config, hd = model.config, model.config.head_dim
 
-    def t(x: torch.Tensor) -> torch.Tensor:
+    def t(x) -> torch.Tensor:
+        if isinstance(x, nn.Module):  # a projection, maybe wrapped by LoRA: its effective weight
+            x = effective_weight(x)
         return x.detach().to(device="cpu", dtype=torch.float32)
 
     sd = {"model.embed_tokens.weight": t(embedding_matrix(model.model.embed_tokens))}
@@ -157,13 +161,13 @@ def llama_state_dict(model, intermediate_size: int, num_heads: int, num_kv_heads
         p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
         q_old, kv_old = attn.num_heads, attn.num_key_value_heads
         rows = None if (q_old, kv_old) == (num_heads, num_kv_heads) else _head_rows(q_old, kv_old, groups, hd)
-        sd[p + "self_attn.q_proj.weight"] = _pad_rows(t(attn.q_proj.weight), num_heads * hd, rows)
-        sd[p + "self_attn.k_proj.weight"] = _pad_rows(t(attn.k_proj.weight), num_kv_heads * hd)
-        sd[p + "self_attn.v_proj.weight"] = _pad_rows(t(attn.v_proj.weight), num_kv_heads * hd)
-        sd[p + "self_attn.o_proj.weight"] = _pad_rows(t(attn.o_proj.weight).T, num_heads * hd, rows).T
-        sd[p + "mlp.gate_proj.weight"] = _pad_rows(t(mlp.gate_proj.weight), intermediate_size)
-        sd[p + "mlp.up_proj.weight"] = _pad_rows(t(mlp.up_proj.weight), intermediate_size)
-        sd[p + "mlp.down_proj.weight"] = _pad_rows(t(mlp.down_proj.weight).T, intermediate_size).T
+        sd[p + "self_attn.q_proj.weight"] = _pad_rows(t(attn.q_proj), num_heads * hd, rows)
+        sd[p + "self_attn.k_proj.weight"] = _pad_rows(t(attn.k_proj), num_kv_heads * hd)
+        sd[p + "self_attn.v_proj.weight"] = _pad_rows(t(attn.v_proj), num_kv_heads * hd)
+        sd[p + "self_attn.o_proj.weight"] = _pad_rows(t(attn.o_proj).T, num_heads * hd, rows).T
+        sd[p + "mlp.gate_proj.weight"] = _pad_rows(t(mlp.gate_proj), intermediate_size)
+        sd[p + "mlp.up_proj.weight"] = _pad_rows(t(mlp.up_proj), intermediate_size)
+        sd[p + "mlp.down_proj.weight"] = _pad_rows(t(mlp.down_proj).T, intermediate_size).T
         sd[p + "input_layernorm.weight"] = t(layer.input_layernorm.weight)
         sd[p + "post_attention_layernorm.weight"] = t(layer.post_attention_layernorm.weight)
     sd["model.norm.weight"] = t(model.model.norm.weight)

@@ -28,6 +28,7 @@ from arbor.growth import (
     widen_hidden,
     widen_mlp,
 )
+from arbor.lora import merge_lora
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["GrowableMixin", "GrowthSpec", "parse_growth_spec"]
@@ -141,6 +142,7 @@ class GrowableMixin:
                    optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the FFN of ``layers`` (default: all) to ``intermediate_size``."""
         _check_optim(optimizer, optim_kwargs)
+        merge_lora(self, optimizer)  # resizing needs plain projections; merging changes nothing
         with following(optimizer):
             event = widen_mlp(self, intermediate_size, layers, init=init, init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)
@@ -150,6 +152,7 @@ class GrowableMixin:
                    **optim_kwargs) -> GrowthEvent:
         """Give ``layers`` (default: all) more query and optionally kv heads."""
         _check_optim(optimizer, optim_kwargs)
+        merge_lora(self, optimizer)  # resizing needs plain projections; merging changes nothing
         with following(optimizer):
             event = add_heads(self, num_attention_heads, num_key_value_heads, layers, init=init,
                               init_settings=init_settings)
@@ -159,6 +162,7 @@ class GrowableMixin:
                     scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the residual stream (d_model) to ``hidden_size``."""
         _check_optim(optimizer, optim_kwargs)
+        merge_lora(self, optimizer)  # resizing needs plain projections; merging changes nothing
         with following(optimizer):
             event = widen_hidden(self, hidden_size, init=init, init_settings=init_settings)
         return self._carry(event, optimizer, scheduler, optim_kwargs)

@@ -218,6 +218,15 @@ class ArborPreTrainedModel(PreTrainedModel):
             check_checkpoint_shapes(path, cls, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As in transformers; LoRA adapters (`arbor.lora`) are merged into the saved weights, so
+        a checkpoint always holds plain Llama-named tensors."""
+        from arbor.lora import has_lora, merged_state_dict
+
+        if has_lora(self) and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = merged_state_dict(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         # Registered backend names ("flex", "flash-attn", a plugin's) map to transformers
         # keys here, and an unavailable backend fails now with its reason. Hub kernel

@@ -98,4 +98,35 @@ class FreezeBelow(FreezePolicy):
         return model.freeze(*selectors, optimizer=optimizer)  # new layers are trainable as inserted
 
 
-FREEZE_POLICIES = {"none": NoFreeze(), "freeze-below": FreezeBelow()}
+class LoraBelowSettings(_Settings):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Projections of the older layers that get adapters.
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    #: Freeze the embeddings too (unless tied to the head), as PGT does.
+    freeze_embeddings: bool = True
+
+
+class LoraBelow(FreezePolicy):
+    description = "after depth growth, older layers learn only through LoRA adapters (peft); new layers train fully"
+    Settings = LoraBelowSettings
+
+    def apply(self, model, event, settings: LoraBelowSettings, optimizer=None) -> list[str]:
+        from arbor.lora import add_lora
+
+        if event.axis != "depth":
+            return []
+        new = set(event.layers)
+        old = [i for i in range(model.config.num_hidden_layers) if i not in new]
+        before = {n for n, p in model.named_parameters() if p.requires_grad}
+        tied = model.lm_head.weight is getattr(model.model.embed_tokens, "weight", None)
+        if settings.freeze_embeddings and not tied:
+            model.freeze("embeddings", optimizer=optimizer)
+        add_lora(model, old, r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
+                 targets=tuple(settings.targets), optimizer=optimizer)
+        after = {n.replace(".base_layer.", "."): p.requires_grad for n, p in model.named_parameters()}
+        return sorted(n for n in before if after.get(n) is False)
+
+
+FREEZE_POLICIES = {"none": NoFreeze(), "freeze-below": FreezeBelow(), "lora-below": LoraBelow()}
