@@ -1,0 +1,350 @@
+"""Growth-aware training: `TrainConfig` and `Trainer`.
+
+The loop is plain PyTorch: AdamW, linear warm-up then cosine decay, gradient
+clipping and accumulation, optional bf16 autocast and gradient checkpointing,
+periodic evaluation on held-out blocks. After every optimizer step the growth
+controller asks the trigger; when it says grow, the model grows (insertion
+policy, init scheme, operator), the optimizer is carried across the step, the
+freeze policy runs, and training goes on in the same process. Every growth
+event is one line on the console and one record in ``metrics.jsonl``, with the
+trigger's reason and the probe loss just before and after the step (equal for
+an exact init).
+
+The learning rate is computed from the step, not kept in a scheduler object:
+``lr(group) = lr * group multiplier * schedule(step) * group warm-up``, so the
+new param groups growth adds and a resumed run need no scheduler surgery.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from arbor.checkpointing import (
+    latest_checkpoint,
+    load_trainer_state,
+    restore_optimizer,
+    restore_python_rng,
+    save_checkpoint,
+    set_rng_state,
+)
+from arbor.optim import step_warmup
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GrowthSettings(_Strict):
+    """How the run grows. Roles left as None fall back to ``plugins.toml``, then to the defaults."""
+
+    #: Trigger name and settings; default: "schedule" at 1/3 and 2/3 of ``max_steps``.
+    trigger: str | None = None
+    trigger_settings: dict[str, Any] = Field(default_factory=dict)
+    #: The step ``model.grow()`` takes when the trigger names none (a GrowthSpec dict).
+    step: dict[str, Any] | None = None
+    init: str | None = None
+    insertion_policy: str | None = None
+    freeze_policy: str | None = None
+    freeze_settings: dict[str, Any] = Field(default_factory=dict)
+    new_param_lr_multiplier: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """Everything ``arbor train`` needs; a TOML/YAML file and ``--set`` fill it."""
+
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
+    data: str = "builtin"
+    tokenizer: str = "bpe"
+    vocab_size: int = Field(2048, ge=64)
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    max_steps: int = Field(300, ge=1)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_interval: int = Field(100, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    log_interval: int = Field(10, ge=1)
+    save_interval: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: int = 0
+    growth: GrowthSettings = Field(default_factory=GrowthSettings)
+    sample_prompt: str = "The "
+    sample_tokens: int = Field(40, ge=0)
+    device: str = "cpu"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Warm-up then cosine decay to ``min_lr_ratio``, as a multiple of ``config.lr``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(config: TrainConfig):
+    """AdamW with decoupled weight decay on matrices only (norm gains and 1-D tensors decay not)."""
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+    return make
+
+
+def _param_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
+
+
+def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Batch number ``index`` of an endless, epoch-wise shuffled pass over ``blocks``.
+
+    A pure function of its arguments, so a resumed run draws exactly the
+    batches the uninterrupted run would have drawn.
+    """
+    n = blocks.shape[0]
+    rows = []
+    for k in range(index * batch_size, (index + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        rows.append(int(order[pos]))
+    return blocks[rows]
+
+
+class Trainer:
+    """One training run in ``out_dir``: metrics, checkpoints, growth events."""
+
+    def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
+                 out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print):
+        from arbor.plugins_toml import Selection
+
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.train_blocks, self.val_blocks = train_blocks, val_blocks
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.selection = plugins if plugins is not None else Selection()
+        self.progress, self.echo = progress, echo
+        self.step, self.tokens, self.history = 0, 0, []
+        self.device = torch.device(config.device)
+        model.to(self.device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if config.growth.step is not None:
+            model.config.growth = dict(config.growth.step)
+        self.optimizer = make_optimizer(config)(_param_groups(model, config))
+        self._setup_growth()
+
+    # ----------------------------------------------------------- components
+    def _component(self, kind: str, name: str | None, settings: dict[str, Any]):
+        from arbor.plugins import get_registry
+
+        if name is None and self.selection.name(kind):
+            return self.selection.component(kind), self.selection.settings(kind)
+        if name is None:
+            return None, None
+        component = get_registry().get(kind, name)
+        return component, component.validate_settings(settings)
+
+    def _setup_growth(self) -> None:
+        g = self.config.growth
+        trigger, settings = self._component("trigger", g.trigger, g.trigger_settings)
+        if trigger is None:  # the default: two scheduled steps, at a third and two thirds of the run
+            from arbor.plugins import get_registry
+
+            trigger = get_registry().get("trigger", "schedule")
+            third = max(1, self.config.max_steps // 3)
+            settings = trigger.validate_settings({"steps": sorted({third, 2 * third})})
+        self.trigger_name = getattr(trigger, "name", None) or g.trigger or self.selection.name("trigger") or "schedule"
+        self.trigger = trigger.start(self.model, settings)
+        self.freeze_policy, self.freeze_settings = self._component("freeze_policy", g.freeze_policy,
+                                                                   g.freeze_settings)
+
+    # ------------------------------------------------------------------ loop
+    def _set_lr(self) -> None:
+        factor = lr_factor(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            warm = group.get("arbor_warmup")
+            ramp = min(1.0, (warm["done"] + 1) / warm["steps"]) if warm else 1.0
+            group["lr"] = self.config.lr * group.get("arbor_lr_multiplier", 1.0) * factor * ramp
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self.model(batch, labels=batch).loss
+
+    def train_step(self) -> float:
+        c = self.config
+        self.model.train()
+        self._set_lr()
+        total = 0.0
+        for micro in range(c.grad_accum):
+            batch = batch_at(self.train_blocks, self.step * c.grad_accum + micro, c.batch_size, c.seed)
+            loss = self._loss(batch) / c.grad_accum
+            loss.backward()
+            total += loss.item()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_warmup(self.optimizer)
+        self.step += 1
+        self.tokens += c.batch_size * c.grad_accum * self.train_blocks.shape[1]
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        c = self.config
+        n = min(c.eval_batches, max(1, math.ceil(self.val_blocks.shape[0] / c.batch_size)))
+        losses = [self._loss(self.val_blocks[i * c.batch_size:(i + 1) * c.batch_size]).item() for i in range(n)]
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def _probe_loss(self) -> float:
+        self.model.eval()
+        return self._loss(self.val_blocks[: min(2, len(self.val_blocks))]).item()
+
+    def grow(self, decision) -> dict[str, Any]:
+        """Take one growth step now; returns the record written to ``metrics.jsonl``."""
+        g = self.config.growth
+        spec = dict(decision.growth or self.model.config.growth or {"axis": "depth", "num_layers": 4})
+        if g.init and "init" not in spec:
+            spec["init"] = g.init
+        if g.insertion_policy and spec.get("axis", "depth") == "depth" and "policy" not in spec \
+                and "positions" not in spec:
+            spec["policy"] = g.insertion_policy
+        params_before, layers_before = self.num_parameters(), self.model.config.num_hidden_layers
+        before = self._probe_loss()
+        started = time.perf_counter()
+        event = self.model.grow(spec, plugins=self.selection, optimizer=self.optimizer,
+                                new_param_lr_multiplier=g.new_param_lr_multiplier, warmup_steps=g.warmup_steps)
+        seconds = time.perf_counter() - started
+        event.reason = decision.reason
+        frozen = []
+        if self.freeze_policy is not None:
+            frozen = self.freeze_policy.apply(self.model, event, self.freeze_settings, optimizer=self.optimizer)
+        after = self._probe_loss()
+        self.trigger.grew(self.step, self.tokens, self.model, event)
+        record = {
+            "event": "growth", "step": self.step, "tokens": self.tokens, "spec": spec, **event.summary(), "loss_before": before, "loss_after": after, "seconds": seconds,
+            "params_before": params_before, "params": self.num_parameters(),
+            "layers_before": layers_before, "layers": self.model.config.num_hidden_layers, "frozen": len(frozen),
+        }
+        record.pop("resized", None)
+        self.history.append(record)
+        self._log(record)
+        exact = "exact" if event.exact else "not exact"
+        self.echo(f"step {self.step}: grew {event.axis} ({event.init}, {exact}): {params_before:,} -> "
+                  f"{record['params']:,} params, {layers_before} -> {record['layers']} layers; probe loss "
+                  f"{before:.4f} -> {after:.4f}; because {decision.reason}")
+        return record
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "growth_history": self.history, "trigger": self.trigger.state_dict(),
+                "frozen": [n for n, p in self.model.named_parameters() if not p.requires_grad],
+                "trigger_name": self.trigger_name, "config": self.config.model_dump(mode="json"),
+                "plugins": self.selection.as_dict()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
+                               tokenizer=self.tokenizer, keep=self.config.keep_checkpoints)
+
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or stop after step ``until``); returns a summary."""
+        c = self.config
+        stop = c.max_steps if until is None else min(until, c.max_steps)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            self.echo = bar.write
+        window_tokens, window_start, last_loss = 0, time.perf_counter(), float("nan")
+        while self.step < stop:
+            tokens_before = self.tokens
+            last_loss = self.train_step()
+            window_tokens += self.tokens - tokens_before
+            self.trigger.observe(self.step, self.tokens, last_loss, self.model)
+            if self.step % c.log_interval == 0 or self.step == c.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "tokens": self.tokens, "loss": last_loss,
+                          "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                          "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers}
+                self._log(record)
+                window_tokens, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    params=f"{record['params'] / 1e6:.2f}M", layers=record["layers"])
+            if self.step % c.eval_interval == 0 or self.step == c.max_steps:
+                self._log({"step": self.step, "tokens": self.tokens, "val_loss": self.evaluate()})
+            if self.step < c.max_steps:
+                decision = self.trigger.decide(self.step, self.tokens, self.model)
+                if decision.grow:
+                    self.grow(decision)
+            if self.step % c.save_interval == 0 or self.step == c.max_steps:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        val = self.evaluate()
+        return {"step": self.step, "tokens": self.tokens, "loss": last_loss, "val_loss": val,
+                "growth_events": len(self.history), "checkpoint": str(latest_checkpoint(self.out)),
+                "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers}
+
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        """A greedy continuation of ``prompt`` (needs the tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("sampling needs a tokenizer")
+        prompt = self.config.sample_prompt if prompt is None else prompt
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model.generate(ids, max_new_tokens=max_new_tokens or self.config.sample_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+
+    # --------------------------------------------------------------- resume
+    @classmethod
+    def resume(cls, checkpoint: str | Path, train_blocks, val_blocks, out_dir: str | Path, tokenizer=None,
+               plugins=None, progress: bool = True, echo=print, config: TrainConfig | None = None) -> Trainer:
+        """Continue the run saved in ``checkpoint`` (the grown architecture comes from its config)."""
+        from arbor.modeling import ArborForCausalLM
+
+        state, tensors = load_trainer_state(checkpoint)
+        config = config or TrainConfig.model_validate(state["config"])
+        model = ArborForCausalLM.from_pretrained(checkpoint)
+        frozen = set(state.get("frozen", []))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo)
+        trainer.optimizer = restore_optimizer(make_optimizer(config), model, state, tensors)
+        trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.history = list(state.get("growth_history", []))
+        trainer.trigger.load_state_dict(state.get("trigger", {}))
+        set_rng_state(tensors["rng"])
+        restore_python_rng(state.get("python_rng"))
+        return trainer
