@@ -273,6 +273,9 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands on runs and checkpoints live in their own module, to keep this one short.
+from arbor import cli_run  # noqa: E402,F401 - registers generate, grow, plot
+
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""

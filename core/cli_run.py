@@ -1,0 +1,141 @@
+"""The ``arbor`` commands that work on runs and checkpoints: ``generate``, ``grow``, ``plot``
+(and ``train``, in `arbor.cli_train`). Registered into `arbor.cli.COMMANDS` on import."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+from arbor.cli import TOKENIZER_FILES, _checkpoint_config, command
+
+
+def _load(checkpoint: str):
+    """Model (float32, eval) and tokenizer (or None) of an arbor checkpoint."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from arbor.modeling import ArborForCausalLM
+
+    _checkpoint_config(checkpoint)
+    hf_logging.disable_progress_bar()
+    try:
+        model = ArborForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    except OSError as exc:
+        raise ValueError(f"cannot load {checkpoint}: {str(exc).strip().splitlines()[0]}") from None
+    tokenizer = None
+    if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------ generate
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="an arbor checkpoint directory with its tokenizer")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate (default: 60)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+@command("generate", "Continue a prompt with a trained checkpoint.", _generate_arguments)
+def generate_command(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be >= 1")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature} is invalid: must be >= 0")
+    model, tokenizer = _load(args.checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json; generate needs the run's tokenizer")
+    torch.manual_seed(args.seed)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenization; give some text")
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None) \
+        if args.temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+# ---------------------------------------------------------------------- grow
+def _grow_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="an arbor checkpoint directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--depth", type=int, metavar="K", help="insert K layers")
+    what.add_argument("--width", type=int, metavar="N", help="FFN width of every layer to N")
+    what.add_argument("--heads", type=int, metavar="N", help="query heads of every layer to N")
+    what.add_argument("--hidden", type=int, metavar="N", help="hidden size (d_model) to N")
+    p.add_argument("--kv-heads", type=int, metavar="N", help="with --heads: kv heads to N")
+    p.add_argument("--init", default="zero", help="init scheme (default: zero; 'arbor plugins' lists them)")
+    p.add_argument("--policy", help="with --depth: insertion policy (default: the middle)")
+    p.add_argument("--out", metavar="OUT", help="where to write the grown checkpoint (default: CKPT-grown)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+@command("grow", "Grow a checkpoint offline (depth, FFN width, heads or hidden size) and save it.",
+         _grow_arguments)
+def grow_command(args: argparse.Namespace) -> int:
+    import torch
+
+    out = args.out or args.checkpoint.rstrip("/\\") + "-grown"
+    if os.path.abspath(out) == os.path.abspath(args.checkpoint):
+        raise ValueError(f"--out {out} is the checkpoint itself; choose another directory")
+    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if args.kv_heads is not None and args.heads is None:
+        raise ValueError("--kv-heads only applies together with --heads")
+    if args.policy is not None and args.depth is None:
+        raise ValueError("--policy only applies together with --depth")
+    if args.init == "masked":
+        raise ValueError("--init masked ramps new parts in during training, and a checkpoint cannot hold the "
+                         "ramp; offline, use zero or split (exact) instead")
+    model, _ = _load(args.checkpoint)
+    probe = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(probe).logits
+    params = sum(p.numel() for p in model.parameters())
+    if args.depth is not None:
+        event = model.grow_depth(args.depth, policy=args.policy, init=args.init)
+    elif args.width is not None:
+        event = model.grow_width(args.width, init=args.init)
+    elif args.heads is not None:
+        event = model.grow_heads(args.heads, args.kv_heads, init=args.init)
+    else:
+        event = model.grow_hidden(args.hidden, init=args.init)
+    with torch.no_grad():
+        diff = (model(probe).logits - before).abs().max().item()
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(args.checkpoint, name)):
+            shutil.copy2(os.path.join(args.checkpoint, name), os.path.join(out, name))
+    grown = sum(p.numel() for p in model.parameters())
+    exact = "exact" if event.exact else "not exact"
+    print(f"grew {event.axis} with init {event.init!r} ({exact}): {params:,} -> {grown:,} parameters, "
+          f"{model.config.num_hidden_layers} layers; max logit change on a probe batch {diff:.2g}")
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- plot
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_DIR", help="the --out directory of an 'arbor train' run")
+    p.add_argument("--out", metavar="PNG", help="image to write (default: RUN_DIR/training.png)")
+
+
+@command("plot", "Plot a run: loss against tokens with growth events marked, parameters over time.",
+         _plot_arguments)
+def plot_command(args: argparse.Namespace) -> int:
+    from arbor.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
