@@ -2,7 +2,7 @@
 
 Two panels share the x axis (tokens seen): the training loss (and validation
 loss) with every growth event marked, and the parameter count over time.
-Needs matplotlib (``pip install 'arbor-lm[plots]'``).
+Uses matplotlib (a dependency of arbor) without a display (the Agg backend).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install 'arbor-lm[plots]'") from None
+        raise PlotError("plotting needs matplotlib: pip install matplotlib") from None
     records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r and "event" not in r]
     val = [r for r in records if "val_loss" in r]
