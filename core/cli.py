@@ -274,7 +274,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 # The commands on runs and checkpoints live in their own module, to keep this one short.
-from arbor import cli_run  # noqa: E402,F401 - registers generate, grow, plot
+from arbor import cli_run, cli_train  # noqa: E402,F401 - register train, generate, grow, plot
 
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:

@@ -163,14 +163,18 @@ class Trainer:
 
     def _setup_growth(self) -> None:
         g = self.config.growth
-        trigger, settings = self._component("trigger", g.trigger, g.trigger_settings)
-        if trigger is None:  # the default: two scheduled steps, at a third and two thirds of the run
-            from arbor.plugins import get_registry
-
-            trigger = get_registry().get("trigger", "schedule")
-            third = max(1, self.config.max_steps // 3)
-            settings = trigger.validate_settings({"steps": sorted({third, 2 * third})})
-        self.trigger_name = getattr(trigger, "name", None) or g.trigger or self.selection.name("trigger") or "schedule"
+        name, trigger_settings = g.trigger, dict(g.trigger_settings)
+        if name is None and not self.selection.name("trigger"):
+            # The default: two scheduled steps, deeper then wider, unless the config names the step.
+            name = "schedule"
+            if g.step is None:
+                trigger_settings.setdefault("growth", [{"axis": "depth", "num_layers": 2},
+                                                       {"axis": "ffn", "factor": 2.0}])
+        if name == "schedule" and "steps" not in trigger_settings and "tokens" not in trigger_settings:
+            third = max(1, self.config.max_steps // 3)  # a schedule without marks: a third and two thirds in
+            trigger_settings["steps"] = sorted({third, 2 * third})
+        trigger, settings = self._component("trigger", name, trigger_settings)
+        self.trigger_name = name or self.selection.name("trigger")
         self.trigger = trigger.start(self.model, settings)
         self.freeze_policy, self.freeze_settings = self._component("freeze_policy", g.freeze_policy,
                                                                    g.freeze_settings)

@@ -66,3 +66,45 @@ def test_plot_marks_growth_events(tmp_path):
     assert main(["plot", str(run)]) == 0
     png = (run / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# --------------------------------------------------------------------- train
+def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--max-steps", "12", "--no-progress", "--set", "seq_len=32",
+            "--set", "vocab_size=300", "--set", "eval_interval=6", "--set", "save_interval=6",
+            "--set", "log_interval=3", "--set", "sample_tokens=5"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.count("grew ") == 2 and "(zero, exact)" in text and "sample:" in text
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    assert [(e["axis"], e["step"]) for e in events] == [("depth", 4), ("ffn", 8)]
+    assert all(abs(e["loss_after"] - e["loss_before"]) < 1e-5 for e in events)
+    assert (out / "training.png").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import arbor  # noqa: F401 - registers the model type
+
+    checkpoint = out / "checkpoints" / "step-00000012"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert model.config.num_hidden_layers == 4 and AutoTokenizer.from_pretrained(checkpoint)("hi").input_ids
+    # Resume to a longer budget continues the same run.
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "15", "--no-progress"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step-00000015").is_dir()
+    assert main(["generate", str(out / "checkpoints" / "step-00000015"), "The", "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--recipe", "nope"], "--recipe"),
+    (["train", "--set", "lr"], "key=value"),
+    (["train", "--set", "lr=-1"], "lr"),
+    (["train", "--set", "colour=red"], "colour"),
+    (["train", "--data", "no/such/*.txt"], "no/such"),
+    (["train", "missing.toml"], "missing.toml"),
+    (["train", "--resume"], "no checkpoint"),
+])
+def test_train_bad_input(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,0 +1,213 @@
+"""``arbor train``: train a growing model end to end.
+
+With no arguments it trains the ``tiny`` preset on the built-in corpus (the
+English reference text every CPython ships) with a byte-level BPE tokenizer
+trained on it, grows it twice on a schedule (exactly), saves checkpoints,
+writes ``metrics.jsonl`` and ``training.png``, and prints a sample.
+
+Settings come from, in increasing priority: a recipe (``--recipe``), a config
+file (TOML or YAML), ``--set key=value`` (dotted keys reach into tables), and
+the explicit flags (``--data``, ``--max-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from arbor.cli import command
+
+#: Ready-made runs. "default" is what `arbor train` does with no arguments.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Progressive Growth Transformers: 3 layers with the embeddings, then +3 on top with everything
+    # below frozen, twice (3 -> 6 -> 9 layers).
+    "pgt": {
+        "model": {"preset": "tiny", "num_hidden_layers": 3, "max_layers": 9},
+        "growth": {"trigger": "schedule", "freeze_policy": "freeze-below",
+                   "step": {"axis": "depth", "num_layers": 3, "policy": "top"}},
+    },
+    # Arbor: grow +4 layers at the middle when 80 % of layers exceed 0.92 utilization (5,000-step
+    # cooldown). Meant for long runs: set model.preset = "arbor-500m-1b" and many more steps.
+    "arbor": {
+        "growth": {"trigger": "utilization", "insertion_policy": "middle",
+                   "step": {"axis": "depth", "num_layers": 4}},
+    },
+}
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, booleans, lists, tables) when it parses, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(target: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {assignment!r} is invalid: use key=value, e.g. --set lr=1e-3 or model.preset=tiny")
+    parts = key.strip().split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a table")
+        node = child
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error is the user's file, shown in one line
+        raise ValueError(f"{path}: cannot be parsed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from arbor.train import TrainConfig
+    from arbor_plugins.settings import describe_validation_error
+
+    if args.recipe not in RECIPES:
+        raise ValueError(f"--recipe {args.recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
+    data = copy.deepcopy(RECIPES[args.recipe])
+    if args.config:
+        data = _merge(data, read_config_file(args.config))
+    for assignment in args.set or []:
+        apply_override(data, assignment)
+    if args.data is not None:
+        data["data"] = args.data
+    if args.max_steps is not None:
+        data["max_steps"] = args.max_steps
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"config: {describe_validation_error(exc)}") from None
+
+
+def prepare(config, echo=print):
+    """Corpus -> tokenizer -> packed train/validation blocks."""
+    from arbor.data import PackedDataset, load_corpus, split_documents
+    from arbor.tokenizer import load_tokenizer, train_bpe
+
+    documents = load_corpus(config.data)
+    train_docs, val_docs = split_documents(documents, seed=config.seed)
+    chars = sum(map(len, documents))
+    echo(f"data: {config.data} ({len(documents):,} documents, {chars / 1e3:,.0f} K characters)")
+    if config.tokenizer == "bpe":
+        tokenizer = train_bpe(train_docs, vocab_size=config.vocab_size)
+        echo(f"tokenizer: byte-level BPE trained on the training split, {len(tokenizer):,} tokens")
+    else:
+        tokenizer = load_tokenizer(config.tokenizer)
+        echo(f"tokenizer: {config.tokenizer} ({len(tokenizer):,} tokens)")
+    train = PackedDataset.from_documents(train_docs, tokenizer, config.seq_len)
+    val = PackedDataset.from_documents(val_docs, tokenizer, config.seq_len)
+    if len(train) < 1 or len(val) < 1:
+        raise ValueError(f"data: {config.data} gives {len(train)} training and {len(val)} validation blocks of "
+                         f"seq_len={config.seq_len} tokens; use more text or a shorter seq_len")
+    echo(f"blocks of {config.seq_len} tokens: {len(train):,} training, {len(val):,} validation")
+    return tokenizer, train.batch(range(len(train)))["input_ids"], val.batch(range(len(val)))["input_ids"]
+
+
+def build_model(config, tokenizer):
+    from arbor.config import ArborConfig
+    from arbor.modeling import ArborForCausalLM
+
+    spec = dict(config.model)
+    preset = spec.pop("preset", "tiny")
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model_config = ArborConfig.from_preset(preset, **{**spec, **ids})
+    return ArborForCausalLM(model_config)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="a TOML or YAML file of training settings")
+    p.add_argument("--recipe", default="default", help=f"a ready-made run: {', '.join(RECIPES)} (default: default)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set lr=1e-3 --set model.preset=tiny (repeatable)")
+    p.add_argument("--plugins", metavar="PATH", help="plugins.toml choosing trigger, policies, init scheme "
+                                                      "(default: ./plugins.toml when present)")
+    p.add_argument("--data", help="'builtin' (default), text files or a glob, a .jsonl file, or a saved dataset")
+    p.add_argument("--out", default="runs/arbor", help="run directory (default: runs/arbor)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+@command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
+def train_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from arbor.checkpointing import latest_checkpoint, load_trainer_state
+    from arbor.plot import plot_run
+    from arbor.plugins_toml import load_plugins_toml
+    from arbor.train import TrainConfig, Trainer
+
+    out = Path(args.out)
+    selection = load_plugins_toml(args.plugins)
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    if not args.resume and (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume_from is not None:
+        saved, _ = load_trainer_state(resume_from)
+        config = TrainConfig.model_validate(saved["config"])
+        if args.max_steps is not None:
+            config = config.model_copy(update={"max_steps": args.max_steps})
+    else:
+        config = build_config(args)
+    torch.manual_seed(config.seed)
+    tokenizer, train_blocks, val_blocks = prepare(config)
+    quiet = dict(progress=not args.no_progress, plugins=selection)
+    if resume_from is not None:
+        print(f"resuming from {resume_from}")
+        trainer = Trainer.resume(resume_from, train_blocks, val_blocks, out, tokenizer=tokenizer, config=config,
+                                 **quiet)
+    else:
+        model = build_model(config, tokenizer)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
+        trainer = Trainer(model, config, train_blocks, val_blocks, out, tokenizer=tokenizer, **quiet)
+    layers = trainer.model.config.num_hidden_layers
+    print(f"model: {trainer.num_parameters():,} parameters, {layers} layers; {config.max_steps} steps of "
+          f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens", flush=True)
+    summary = trainer.fit()
+    print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, loss {summary['loss']:.3f}, validation "
+          f"loss {summary['val_loss']:.3f}, {summary['growth_events']} growth events, {summary['params']:,} "
+          f"parameters, {summary['layers']} layers")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"metrics: {out / 'metrics.jsonl'}; plot: {plot_run(out)}")
+    if config.sample_tokens:
+        print(f"sample: {trainer.sample()!r}")
+    sys.stdout.flush()
+    return 0
