@@ -1,0 +1,416 @@
+"""Training data: corpora, a train/validation split, token packing and resumable batches.
+
+The pipeline is four plain steps, each usable alone::
+
+    documents = load_corpus("builtin")                      # list[str]
+    train_docs, val_docs = split_documents(documents, 0.05)
+    train = PackedDataset.from_documents(train_docs, tokenizer, seq_len=256)
+    for batch in batches(train, batch_size=8, seed=0): ...  # endless, deterministic
+
+A batch is ``{"input_ids": LongTensor[B, seq_len], "labels": same values}``:
+causal LMs in arbor (as in transformers) shift labels inside the loss, so a
+block is its own target.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+#: The corpus spec naming the built-in corpus.
+BUILTIN = "builtin"
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write.
+_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+ACCEPTED = (
+    f"{BUILTIN!r}, a text file, a {'/'.join(JSONL_SUFFIXES)} file, a glob, "
+    f"a directory of {'/'.join(TEXT_SUFFIXES)} files, or a directory written by datasets' save_to_disk"
+)
+
+#: Below this many documents the split holds out the tail of the text instead
+#: of whole documents: with a handful of documents, whole ones would make the
+#: validation set a different kind of text rather than a sample of the same.
+MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 10
+
+
+class DataError(ValueError):
+    """A corpus, split or batch request cannot be served; the message names the path or field."""
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def builtin_corpus() -> list[str]:
+    """The English reference text every CPython ships (``pydoc_data.topics``), one document per topic.
+
+    About 450 KB of prose and code samples, available offline everywhere;
+    topics are taken in sorted-key order so the corpus is the same on every run.
+    """
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def load_corpus(spec: str | Path | Sequence[str | Path], *, field: str = "text") -> list[str]:
+    """Documents named by ``spec``: ``"builtin"``, a file, a glob, a directory, or a list of those.
+
+    - a ``.jsonl``/``.ndjson`` file: one JSON object per line, the document in ``field``;
+    - any other file: its whole UTF-8 text is one document;
+    - a glob (``data/*.txt``, ``**`` allowed): the matches in sorted order, each as above;
+    - a directory written by ``datasets``' ``save_to_disk``: its ``field`` column
+      (a ``DatasetDict`` uses its ``train`` split);
+    - any other directory: every ``.txt``/``.md`` file below it, in sorted path order.
+
+    Documents that are empty or only whitespace are dropped.
+    """
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not specs:
+        raise DataError(f"corpus: no spec given; expected {ACCEPTED}")
+    documents = [doc for one in specs for doc in _load_spec(str(one), field) if doc.strip()]
+    if not documents:
+        raise DataError(f"corpus {_show(specs)}: holds no text")
+    return documents
+
+
+def _show(specs: list) -> str:
+    return repr(str(specs[0])) if len(specs) == 1 else repr([str(s) for s in specs])
+
+
+def _load_spec(spec: str, field: str) -> list[str]:
+    if spec == BUILTIN:
+        return builtin_corpus()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_path(path, field)
+    if any(char in spec for char in "*?["):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        if not matches:
+            raise DataError(f"corpus {spec!r}: the glob matches no file; expected {ACCEPTED}")
+        return [doc for match in matches for doc in _load_path(Path(match), field)]
+    raise DataError(f"corpus {spec!r}: no such file or directory; expected {ACCEPTED}")
+
+
+def _load_path(path: Path, field: str) -> list[str]:
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in _DATASET_MARKERS):
+            return load_saved_dataset(path, field)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"corpus {str(path)!r}: directory holds no {'/'.join(TEXT_SUFFIXES)} file and is not a saved dataset"
+            )
+        return [_read_text(p) for p in files]
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return read_jsonl(path, field)
+    return [_read_text(path)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"corpus file {str(path)!r}: not UTF-8 text (byte {error.start}: {error.reason})") from error
+
+
+def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
+    """The ``field`` of every JSON object in a JSON-lines file; blank lines are skipped.
+
+    A line that is not JSON, not an object, or lacks a string ``field`` is an
+    error naming the file and the line number.
+    """
+    path = Path(path)
+    documents = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
+            if field not in record:
+                raise DataError(f"{where}: no {field!r} field (fields: {', '.join(map(repr, record)) or 'none'})")
+            if not isinstance(record[field], str):
+                raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+            documents.append(record[field])
+    return documents
+
+
+def load_saved_dataset(path: str | Path, field: str = "text") -> list[str]:
+    """The ``field`` column of a dataset saved with ``datasets``' ``save_to_disk`` (needs ``datasets``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"corpus {str(path)!r} is a saved `datasets` dataset, but the datasets package is not installed "
+            "(pip install datasets)"
+        ) from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"corpus {str(path)!r}: a DatasetDict needs a 'train' split, it has {sorted(loaded)}")
+        loaded = loaded["train"]
+    if field not in loaded.column_names:
+        columns = ", ".join(map(repr, loaded.column_names))
+        raise DataError(f"corpus {str(path)!r}: no {field!r} column (columns: {columns})")
+    return [text for text in loaded[field] if isinstance(text, str)]
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_documents(documents: Sequence[str], fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split into (train, validation) with about ``fraction`` of the characters held out.
+
+    With at least ``MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT`` documents, whole
+    documents are held out: they are ranked by a hash of ``seed`` and their
+    content, so the split depends on what the documents say, not on the order
+    they were listed in (a glob on another file system, a shuffled JSONL file
+    give the same validation set). Documents are taken in rank order,
+    skipping any that would push the held-out text past twice the target, until
+    the target is reached. Identical documents go to the same side, so a
+    duplicate cannot leak validation text into training. Both sides keep the
+    input order.
+
+    With fewer documents, or when no such selection reaches the target (one
+    document holding most of the text), the tail of the concatenated text is
+    held out instead, cut at a line start where there is one.
+    """
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(f"validation fraction={fraction!r} is invalid: must be a number in [0, 1)")
+    documents = list(documents)
+    total = sum(map(len, documents))
+    target = fraction * total
+    if target == 0:
+        return documents, []
+    if len(documents) >= MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT:
+        held = _held_out_documents(documents, target, total, seed)
+        if held is not None:
+            return [d for d in documents if d not in held], [d for d in documents if d in held]
+    return _split_tail(documents, math.ceil(target))
+
+
+def _held_out_documents(documents: list[str], target: float, total: int, seed: int) -> set[str] | None:
+    copies = Counter(documents)
+    ranked = sorted(copies, key=lambda doc: (_digest(seed, doc), doc))
+    held, held_chars = set(), 0
+    for doc in ranked:
+        if held_chars >= target:
+            break
+        size = len(doc) * copies[doc]
+        if held_chars + size <= 2 * target and held_chars + size < total:
+            held.add(doc)
+            held_chars += size
+    return held if held_chars >= target else None
+
+
+def _digest(seed: int, text: str) -> bytes:
+    # surrogatepass: JSON may carry lone surrogates, which strict UTF-8 refuses.
+    return hashlib.blake2b(f"{seed}\0{text}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def _split_tail(documents: list[str], held_chars: int) -> tuple[list[str], list[str]]:
+    cut = max(1, sum(map(len, documents)) - held_chars)  # character offset where validation starts
+    start = 0
+    for index, doc in enumerate(documents):
+        if start + len(doc) > cut:
+            offset = cut - start
+            line_start = doc.rfind("\n", 0, offset) + 1
+            if line_start > 0 or index > 0:  # keep training text non-empty
+                offset = line_start
+            head, tail = doc[:offset], doc[offset:]
+            return documents[:index] + ([head] if head else []), [tail, *documents[index + 1 :]]
+        start += len(doc)
+    return documents, []
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int = 1024) -> torch.Tensor:
+    """One int32 token stream: each document's tokens followed by ``tokenizer.eos_token_id``.
+
+    No other special tokens are added (``add_special_tokens=False``): the eos
+    after a document tells the model where the next one begins. Documents are
+    encoded in batches through the fast tokenizer, which runs them in parallel.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError("tokenizer has no eos_token: packing separates documents with it; set tokenizer.eos_token")
+    documents = list(documents)
+    parts = []
+    for start in range(0, len(documents), chunk):
+        encoded = tokenizer(
+            documents[start : start + chunk], add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
+        stream: list[int] = []
+        for ids in encoded:
+            stream.extend(ids)
+            stream.append(eos)
+        parts.append(torch.tensor(stream, dtype=torch.int32))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+
+class PackedDataset(Dataset):
+    """A token stream cut into blocks of ``seq_len`` tokens; the tokens after the last full block are dropped.
+
+    Item ``i`` is ``{"input_ids": block, "labels": block}`` (labels a copy, so
+    masking them in place cannot change the inputs). Tokens are stored once as
+    int32 and widened to int64 per batch; ``blocks`` is the int32
+    ``[num_blocks, seq_len]`` view of them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise DataError(f"seq_len={seq_len!r} is invalid: must be a positive integer")
+        if tokens.dim() != 1:
+            raise DataError(f"tokens must be a 1-D stream, got shape {tuple(tokens.shape)}")
+        self.seq_len = seq_len
+        self.num_blocks = tokens.numel() // seq_len
+        self.tokens = tokens
+        self.blocks = tokens[: self.num_blocks * seq_len].view(self.num_blocks, seq_len)
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[str], tokenizer: Any, seq_len: int) -> PackedDataset:
+        return cls(tokenize_documents(documents, tokenizer), seq_len)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in full blocks, i.e. what one epoch trains on."""
+        return self.num_blocks * self.seq_len
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -self.num_blocks <= index < self.num_blocks:
+            raise IndexError(f"block {index} out of range for {self.num_blocks} blocks")
+        return _batch(self.blocks[index])
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        """The blocks at ``indices`` stacked into one batch."""
+        return _batch(self.blocks[torch.as_tensor(indices, dtype=torch.long)])
+
+
+def _batch(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    input_ids = blocks.long()
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def steps_per_epoch(num_blocks: int, batch_size: int) -> int:
+    """Full batches in one pass over ``num_blocks`` blocks (the last partial batch is dropped)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    if num_blocks < batch_size:
+        raise DataError(
+            f"batch_size={batch_size} is larger than the {num_blocks} blocks the data holds; "
+            "use a smaller batch_size or seq_len, or more text"
+        )
+    return num_blocks // batch_size
+
+
+def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The block order of one epoch: a permutation that depends only on (seed, epoch)."""
+    # Hashing (seed, epoch) rather than adding them keeps (seed=1, epoch=0) and
+    # (seed=0, epoch=1) apart.
+    mixed = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(mixed, "little") >> 1)
+    return torch.randperm(num_blocks, generator=generator)
+
+
+def batch_indices(num_blocks: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The block indices of global batch ``step``: a pure function, so any step can be recomputed."""
+    epoch, position = divmod(step, steps_per_epoch(num_blocks, batch_size))
+    return epoch_order(num_blocks, seed, epoch)[position * batch_size : (position + 1) * batch_size]
+
+
+class Batches:
+    """An endless, deterministic stream of shuffled training batches that can resume mid-epoch.
+
+    Every epoch visits each block once in the order :func:`epoch_order` gives
+    for ``(seed, epoch)``, then the next epoch starts with a new order.
+    ``state_dict()`` records where the stream is; a stream built on the same
+    data and given that state with ``load_state_dict`` yields exactly the
+    batches the original would have yielded next.
+    """
+
+    def __init__(self, dataset: PackedDataset, batch_size: int, seed: int = 0, *, epoch: int = 0, position: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size)
+        self._order: tuple[int, torch.Tensor] | None = None
+        self._seek(epoch, position)
+
+    @property
+    def step(self) -> int:
+        """Batches yielded since epoch 0, position 0: the index of the next batch."""
+        return self.epoch * self.steps_per_epoch + self.position
+
+    def _seek(self, epoch: int, position: int) -> None:
+        valid_epoch = isinstance(epoch, int) and epoch >= 0
+        if not (valid_epoch and isinstance(position, int) and 0 <= position <= self.steps_per_epoch):
+            raise DataError(
+                f"batch position (epoch={epoch!r}, position={position!r}) is invalid: "
+                f"epoch >= 0 and 0 <= position <= {self.steps_per_epoch} steps per epoch"
+            )
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, epoch_order(len(self.dataset), self.seed, self.epoch))
+        start = self.position * self.batch_size
+        self.position += 1
+        return self.dataset.batch(self._order[1][start : start + self.batch_size])
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_blocks": len(self.dataset),
+            "epoch": self.epoch,
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``; refuses a state made with another seed, batch size or data size."""
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "num_blocks"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"cannot resume batches: the saved state has {key}={state.get(key)!r}, "
+                    f"this stream has {key}={mine[key]!r}"
+                )
+        self._seek(state["epoch"], state["position"])
+
+
+def batches(dataset: PackedDataset, batch_size: int, seed: int = 0, epoch: int = 0, position: int = 0) -> Batches:
+    """An endless shuffled batch stream over ``dataset`` starting at (``epoch``, ``position``); see :class:`Batches`."""
+    return Batches(dataset, batch_size, seed, epoch=epoch, position=position)
+
+
+def eval_batches(dataset: PackedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Every block once, in order, the last batch possibly smaller: for validation loss."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.batch(range(start, min(start + batch_size, len(dataset))))
