@@ -73,7 +73,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
-    max_steps: int = Field(300, ge=1)
+    max_steps: int = Field(600, ge=1)
     bf16: bool = False
     gradient_checkpointing: bool = False
     eval_interval: int = Field(100, ge=1)
@@ -83,7 +83,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     seed: int = 0
     growth: GrowthSettings = Field(default_factory=GrowthSettings)
-    sample_prompt: str = "The "
+    sample_prompt: str = "The"
     sample_tokens: int = Field(40, ge=0)
     device: str = "cpu"
 
@@ -327,8 +327,11 @@ class Trainer:
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
         self.model.eval()
         with torch.no_grad():
+            # Greedy, but a small model loops on its favourite tokens; forbidding repeated trigrams
+            # keeps the sample readable without making it random.
             out = self.model.generate(ids, max_new_tokens=max_new_tokens or self.config.sample_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                                      do_sample=False, no_repeat_ngram_size=3,
+                                      pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.decode(out[0], skip_special_tokens=True)
 
     # --------------------------------------------------------------- resume
