@@ -108,9 +108,14 @@ def build_config(args: argparse.Namespace):
     if args.max_steps is not None:
         data["max_steps"] = args.max_steps
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"config: {describe_validation_error(exc)}") from None
+    from arbor.config import ArborConfig
+
+    spec = dict(config.model)  # check the model settings now, not after minutes of data preparation
+    ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": config.vocab_size})
+    return config
 
 
 def prepare(config, echo=print):

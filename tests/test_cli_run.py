@@ -100,6 +100,8 @@ def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     (["train", "--set", "lr"], "key=value"),
     (["train", "--set", "lr=-1"], "lr"),
     (["train", "--set", "colour=red"], "colour"),
+    (["train", "--set", "model.preset=nope"], "preset"),
+    (["train", "--set", "model.hidden_size=-4"], "hidden_size"),
     (["train", "--data", "no/such/*.txt"], "no/such"),
     (["train", "missing.toml"], "missing.toml"),
     (["train", "--resume"], "no checkpoint"),
