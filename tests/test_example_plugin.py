@@ -1,0 +1,133 @@
+"""The example plugin distribution, installed the way a user installs it.
+
+``pip install --target`` puts it into a throwaway site directory (no network:
+``--no-index``; no build environment to download: ``--no-build-isolation``;
+the source is copied first so the build leaves nothing in the repository).
+That directory then goes on ``PYTHONPATH`` for a real ``arbor plugins``
+process, and on ``sys.path`` for the in-process checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from arbor import ArborConfig, ArborForCausalLM
+from arbor.plugins import reset_plugins
+from arbor.plugins_toml import load_plugins_toml
+from arbor_plugins.testing import check_plugin
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "arbor-strategy-example"
+DIST = "arbor-strategy-example"
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("example")
+    source, target = root / "src", root / "site"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return target
+
+
+@pytest.fixture
+def installed(site, monkeypatch, fresh_plugins):
+    """The example importable in this process, plugin state fresh before and after."""
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    reset_plugins()
+    yield site
+    for name in [m for m in sys.modules if m.split(".")[0] == "arbor_strategy_example"]:
+        del sys.modules[name]
+
+
+def test_arbor_plugins_lists_it(site, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "ARBOR_STRICT_PLUGINS": "1"}
+    env.pop("ARBOR_LOAD_PLUGINS", None)
+    done = subprocess.run([sys.executable, "-m", "arbor", "plugins"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (line,) = [row for row in done.stdout.splitlines() if row.startswith(DIST)]
+    assert line.split()[:3] == [DIST, "(loss-slope)", "0.1.0"]
+    assert line.split()[-2:] == ["arbor_register", "trigger:loss-slope"]
+
+
+def test_conformance_kit_passes_on_it(installed):
+    (report,) = check_plugin(DIST)
+    assert (report.kind, report.name) == ("trigger", "loss-slope")
+    assert any(d["grow"] for d in report.decisions)  # its example_settings reach real decisions
+
+
+def markov_batch(gen: torch.Generator) -> torch.Tensor:
+    """Each token is the previous one plus 1 or 2 (mod 16), by a coin: a loss floor of log 2."""
+    first = torch.randint(0, 16, (8, 1), generator=gen)
+    hops = 1 + torch.randint(0, 2, (8, 15), generator=gen)
+    return (first + torch.cat([torch.zeros_like(first), hops.cumsum(1)], 1)) % 16
+
+
+def test_a_training_loop_grows_when_plugins_toml_selects_it(installed, tmp_path):
+    path = tmp_path / "plugins.toml"
+    path.write_text(textwrap.dedent("""
+        [trigger]
+        name = "loss-slope"
+        min_slope = 0.1
+        min_observations = 8
+        clock = "steps"
+        growth = { axis = "ffn", add = 8 }
+    """))
+    selection = load_plugins_toml(path)
+    trigger = selection.component("trigger")
+    assert type(trigger).__module__ == "arbor_strategy_example.loss_slope"
+
+    torch.manual_seed(0)
+    model = ArborForCausalLM(ArborConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = trigger.start(model, selection.settings("trigger"))
+    gen = torch.Generator().manual_seed(0)
+    grown, reasons = [], []
+    for step in range(1, 71):
+        batch = markov_batch(gen)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        state.observe(step, step * batch.numel(), loss.item(), model)
+        decision = state.decide(step, step * batch.numel(), model)
+        reasons.append(decision.reason)
+        if decision.grow:
+            event = model.grow(decision.growth, plugins=selection, optimizer=opt)
+            state.grew(step, step * batch.numel(), model, event)
+            grown.append(step)
+    # While the loss still falls steeply the fitted exponent is far above 0.1 and nothing grows;
+    # the model grows once the curve bends towards its floor.
+    judged = [r for r in reasons if r.startswith("loss ~")]
+    assert judged[0].startswith("loss ~ steps^-0.") and float(judged[0].split("^")[1].split()[0]) < -0.3
+    assert len(grown) == 1 and 40 <= grown[0] <= 70, reasons
+    assert reasons[grown[0] - 1].startswith("loss ~ steps^-0.09")
+    # The step is plugins.toml's (the model's default step would have added 4 layers).
+    assert model.config.layer_intermediate_sizes == [24] and model.config.num_hidden_layers == 1
+    assert "waiting for a full window" in reasons[grown[0]]  # a new window starts after the growth
+
+
+def test_its_own_tests_pass(installed, pytester):
+    # In-process (no second interpreter to start); importlib mode keeps its conftest apart from ours.
+    result = pytester.runpytest_inprocess(str(EXAMPLE / "tests"), "-p", "no:cacheprovider", "--import-mode=importlib",
+                                          "-q")
+    result.assert_outcomes(passed=11)
