@@ -67,7 +67,7 @@ from arbor.growable import parse_growth_spec
 from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
 from arbor_plugins.settings import describe_validation_error
 
-__all__ = ["GrowthCallback", "prepare_resume"]
+__all__ = ["GrowthCallback", "prepare_resume", "unwrap_model", "unwrap_optimizer", "unwrap_scheduler"]
 
 #: Config fields that fix the architecture: a resumed model must match the checkpoint in all of them.
 _ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_intermediate_sizes",
