@@ -319,6 +319,9 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
     if first is not None:
         for layer in new_layers:  # a trainable stack gets trainable new layers, and vice versa
             layer.train(first.training)
+            if getattr(first, "gradient_checkpointing", False):  # and checkpointing, when the stack has it
+                layer.gradient_checkpointing = True
+                layer._gradient_checkpointing_func = first._gradient_checkpointing_func
     model.model.layers = nn.ModuleList(layers)
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = i

@@ -213,3 +213,13 @@ def test_growth_fires_the_hooks():
     finally:
         get_plugin_manager().unregister(log)
     assert log.events == [("depth", "depth"), ("width", "ffn"), ("width", "heads"), ("width", "hidden")]
+
+
+def test_inserted_layers_inherit_gradient_checkpointing():
+    model = ArborForCausalLM(ArborConfig.from_preset("tiny")).train()
+    model.gradient_checkpointing_enable()
+    model.grow_depth(2)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    ids = torch.randint(0, 100, (2, 8))
+    model(ids, labels=ids).loss.backward()  # runs through the checkpointed new layers
+    assert model.model.layers[1].mlp.down_proj.weight.grad is not None
