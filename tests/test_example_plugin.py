@@ -10,7 +10,10 @@ process, and on ``sys.path`` for the in-process checks.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +34,23 @@ DIST = "arbor-strategy-example"
 pytest_plugins = ["pytester"]
 
 
+def offline_build_problem() -> str | None:
+    """Why the example cannot be built here without the network, or None."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return "setuptools is not installed (Python >= 3.12 venvs lack it): pip install setuptools"
+    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if major_minor < (70, 1) and importlib.util.find_spec("wheel") is None:
+        return f"setuptools {version} needs the wheel package to build wheels: pip install 'setuptools>=70.1'"
+    return None
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    problem = offline_build_problem()
+    if problem:
+        pytest.skip(f"cannot build the example offline: {problem}")
     root = tmp_path_factory.mktemp("example")
     source, target = root / "src", root / "site"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
