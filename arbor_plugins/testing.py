@@ -293,8 +293,12 @@ def check_init_scheme(scheme: Any, axes: tuple[str, ...] | None = None, settings
     """Grow tiny models on every axis ``scheme`` declares (or ``axes``) and check the contract.
 
     ``scheme`` is a registered name or an `InitScheme` object. A scheme that
-    declares ``exact`` must keep logits and greedy continuation; a non-exact
-    one only has its change reported (``report.max_logit_diff``).
+    declares ``exact`` must keep the logits on every config, and the greedy
+    continuation on one config per axis; a non-exact one only has its change
+    reported (``report.max_logit_diff``). Every grown model's tensors must fit
+    its config and train on. Save -> load runs on one config per axis, unless
+    the scheme installed forward hooks (their effect is not in a checkpoint;
+    the report notes the skip).
     """
     import torch
 
