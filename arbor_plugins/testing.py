@@ -732,7 +732,7 @@ def check_plugin(plugin: str, settings: dict[str, dict[str, Any]] | None = None)
     found = sorted({i["distribution"] for i in plugin_infos() if i["distribution"]})
     if not infos:
         raise AssertionError(f"plugin {plugin!r} is not installed (or ARBOR_LOAD_PLUGINS leaves it out); "
-                             f"loaded: {', '.join(found)}")
+                             f"plugins found: {', '.join(found)}")
     for info in infos:
         if "error" in info:
             raise AssertionError(info["error"])
