@@ -114,6 +114,7 @@ def build_config(args: argparse.Namespace):
     from arbor.config import ArborConfig
 
     spec = dict(config.model)  # check the model settings now, not after minutes of data preparation
+    spec.pop("attn_implementation", None)
     ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": config.vocab_size})
     return config
 
@@ -142,16 +143,24 @@ def prepare(config, echo=print):
     return tokenizer, train.batch(range(len(train)))["input_ids"], val.batch(range(len(val)))["input_ids"]
 
 
-def build_model(config, tokenizer):
+def build_model(config, tokenizer, selection=None):
+    """The model ``config.model`` describes; ``plugins.toml``'s [substrate] and [attention_backend]
+    apply where the model settings name none."""
     from arbor.config import ArborConfig
     from arbor.modeling import ArborForCausalLM
 
     spec = dict(config.model)
     preset = spec.pop("preset", "tiny")
+    if selection is not None and selection.name("substrate") and "substrate" not in spec:
+        spec["substrate"] = selection.name("substrate")
+        spec["substrate_settings"] = selection.settings("substrate").model_dump()
+    attn = spec.pop("attn_implementation", None)
+    if attn is None and selection is not None:
+        attn = selection.name("attention_backend")
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     model_config = ArborConfig.from_preset(preset, **{**spec, **ids})
-    return ArborForCausalLM(model_config)
+    return ArborForCausalLM._from_config(model_config, attn_implementation=attn or "sdpa")
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,7 +208,7 @@ def train_command(args: argparse.Namespace) -> int:
         trainer = Trainer.resume(resume_from, train_blocks, val_blocks, out, tokenizer=tokenizer, config=config,
                                  **quiet)
     else:
-        model = build_model(config, tokenizer)
+        model = build_model(config, tokenizer, selection)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
         trainer = Trainer(model, config, train_blocks, val_blocks, out, tokenizer=tokenizer, **quiet)
