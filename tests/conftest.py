@@ -22,6 +22,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Caches (glyph matrices) go to a temporary directory, never the user's ~/.cache."""
+    previous = os.environ.get("ARBOR_CACHE_DIR")
+    os.environ["ARBOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("arbor-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ARBOR_CACHE_DIR", None)
+    else:
+        os.environ["ARBOR_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
