@@ -53,6 +53,14 @@ class Substrate(Component):
     def build(self, config: Any, settings: BaseModel) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def default_tokenizer(self, settings: BaseModel) -> Any:
+        """The tokenizer this substrate's ids assume, or None when any tokenizer will do.
+
+        ``arbor train`` (with ``tokenizer = "auto"``, the default) uses it
+        instead of training a BPE tokenizer.
+        """
+        return None
+
 
 class AttentionBackend(Component):
     """An attention kernel reachable through transformers' attention interface.

@@ -128,7 +128,10 @@ def prepare(config, echo=print):
     train_docs, val_docs = split_documents(documents, seed=config.seed)
     chars = sum(map(len, documents))
     echo(f"data: {config.data} ({len(documents):,} documents, {chars / 1e3:,.0f} K characters)")
-    if config.tokenizer == "bpe":
+    tokenizer = _substrate_tokenizer(config) if config.tokenizer == "auto" else None
+    if tokenizer is not None:
+        echo(f"tokenizer: the {config.model.get('substrate')!r} substrate's own, {len(tokenizer):,} tokens")
+    elif config.tokenizer in ("auto", "bpe"):
         tokenizer = train_bpe(train_docs, vocab_size=config.vocab_size)
         echo(f"tokenizer: byte-level BPE trained on the training split, {len(tokenizer):,} tokens")
     else:
@@ -141,6 +144,19 @@ def prepare(config, echo=print):
                          f"seq_len={config.seq_len} tokens; use more text or a shorter seq_len")
     echo(f"blocks of {config.seq_len} tokens: {len(train):,} training, {len(val):,} validation")
     return tokenizer, train.batch(range(len(train)))["input_ids"], val.batch(range(len(val)))["input_ids"]
+
+
+def _substrate_tokenizer(config):
+    """The tokenizer the configured substrate asks for (None: any will do)."""
+    from arbor.plugins import get_registry
+
+    name = config.model.get("substrate")
+    if not name:
+        return None
+    component = get_registry().get("substrate", name)
+    ask = getattr(component, "default_tokenizer", None)
+    settings = component.validate_settings(config.model.get("substrate_settings"))
+    return ask(settings) if ask is not None else None
 
 
 def build_model(config, tokenizer, selection=None):

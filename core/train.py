@@ -62,7 +62,9 @@ class TrainConfig(_Strict):
 
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
     data: str = "builtin"
-    tokenizer: str = "bpe"
+    #: "auto": the substrate's own tokenizer if it has one (unicode-glyphs: code points), else "bpe";
+    #: "bpe": train a byte-level BPE on the training split; else a tokenizer path.
+    tokenizer: str = "auto"
     vocab_size: int = Field(2048, ge=64)
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(8, ge=1)

@@ -420,6 +420,14 @@ class UnicodeGlyphSubstrate(Substrate):
     frozen = True
     Settings = GlyphSettings
 
+    def default_tokenizer(self, settings: BaseModel):
+        """Without a ``tokenizer`` setting, token ids are code points: the code-point tokenizer."""
+        if getattr(settings, "tokenizer", None) is not None:
+            return None
+        from arbor_substrates.tokenizer import build_codepoint_tokenizer
+
+        return build_codepoint_tokenizer()
+
     def build(self, config: Any, settings: BaseModel) -> GlyphEmbedding:
         check_untied(config, "unicode-glyphs")
         _require_rendering()

@@ -110,3 +110,13 @@ def test_train_bad_input(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_auto_tokenizer_follows_the_substrate():
+    from arbor.cli_train import _substrate_tokenizer
+    from arbor.train import TrainConfig
+
+    glyphs = _substrate_tokenizer(TrainConfig(model={"preset": "tiny", "substrate": "unicode-glyphs"}))
+    assert len(glyphs) == 65_536 and glyphs("Aé").input_ids == [ord("A"), ord("é")]
+    assert _substrate_tokenizer(TrainConfig(model={"preset": "tiny", "substrate": "binary"})) is None
+    assert _substrate_tokenizer(TrainConfig()) is None
