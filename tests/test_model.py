@@ -306,3 +306,20 @@ def test_return_dict_false_gives_a_tuple_with_the_loss():
     out = model(ids, labels=ids, return_dict=False)
     assert isinstance(out, tuple)
     torch.testing.assert_close(out[0], model(ids, labels=ids).loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn needs a CUDA GPU; none here")
+def test_flash_attn_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn", reason="the flash-attn package is not installed (it publishes no wheels)")
+    torch.manual_seed(0)
+    reference = build("sdpa", **UNEVEN).cuda().to(torch.bfloat16)
+    flash = ArborForCausalLM._from_config(ArborConfig(**UNEVEN), attn_implementation="flash-attn")
+    flash.load_state_dict(reference.state_dict())
+    flash = flash.cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0  # left padding
+    with torch.no_grad():
+        a = reference(ids, attention_mask=mask).logits[mask.bool()]
+        b = flash(ids, attention_mask=mask).logits[mask.bool()]
+    assert (a.float() - b.float()).abs().max() < 5e-2  # bf16 kernels differ in rounding only
