@@ -75,7 +75,8 @@ def _resize_state(state: dict, info, scales, sources=None) -> tuple[list[str], l
     """
     resized, odd = [], []
     index = info.old_index()
-    for key, value in list(state.items()):
+    for key in list(state):  # keys, not items: a list of values would keep every old moment alive
+        value = state[key]
         if not torch.is_tensor(value) or value.dim() == 0:
             continue  # scalars (``step``) carry over unchanged
         if tuple(value.shape) == tuple(info.new_shape) and info.new_shape != info.old_shape:
