@@ -113,3 +113,15 @@ def test_schedule_and_batches_are_pure_functions():
     assert all(torch.equal(a, batch_at(data, i, 3, seed=1)) for i, a in enumerate(first))
     seen = torch.cat(first[:4])[:10, 0].tolist()  # the first 10 rows drawn are one epoch: each block once
     assert sorted(seen) == list(range(0, 50, 5))
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_and_grow(tmp_path):
+    train, val = blocks()
+    cfg = config(max_steps=6, bf16=True, gradient_checkpointing=True, save_interval=6, eval_interval=6,
+                 growth={"trigger": "schedule", "trigger_settings": {"steps": [3]},
+                         "step": {"axis": "depth", "num_layers": 1}})
+    trainer = Trainer(model(), cfg, train, val, tmp_path, progress=False, echo=lambda s: None)
+    summary = trainer.fit()
+    assert summary["growth_events"] == 1 and summary["layers"] == 3
+    assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)
+    assert torch.isfinite(torch.tensor(summary["loss"]))
