@@ -75,7 +75,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
-    max_steps: int = Field(600, ge=1)
+    max_steps: int = Field(1500, ge=1)
     bf16: bool = False
     gradient_checkpointing: bool = False
     eval_interval: int = Field(100, ge=1)
