@@ -17,10 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from torch import nn
 
 
-class NoSettings(BaseModel):
-    """Settings model of a component that takes none: any key is an error."""
+class StrictSettings(BaseModel):
+    """Base for a component's settings model: an unknown key is an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class NoSettings(StrictSettings):
+    """Settings model of a component that takes none: any key is an error."""
 
 
 class Component:

@@ -72,10 +72,14 @@ def read_config_file(path: str) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
+        elif sys.version_info >= (3, 11):
             import tomllib
 
             data = tomllib.loads(text)
+        else:  # pragma: no cover - Python 3.10
+            import tomli
+
+            data = tomli.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parser error is the user's file, shown in one line
         raise ValueError(f"{path}: cannot be parsed: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

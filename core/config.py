@@ -14,7 +14,8 @@ import copy
 from typing import Any
 
 from transformers import PreTrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from arbor.compat import ACT2FN, CACHE_KWARG, ROPE_INIT_FUNCTIONS
 
 #: RoPE types arbor builds tables for, all through transformers' init functions.
 ROPE_TYPES: tuple[str, ...] = ("default", *sorted(k for k in ROPE_INIT_FUNCTIONS if k != "default"))
@@ -121,7 +122,7 @@ class ArborConfig(PreTrainedConfig):
     """
 
     model_type = "arbor"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_KWARG]
 
     vocab_size: int = 32_000
     hidden_size: int = 1024
@@ -235,8 +236,6 @@ class ArborConfig(PreTrainedConfig):
             raise ArborConfigError("max_layers", self.max_layers, f"must be >= num_hidden_layers={n}")
         if self.max_layers is not None and self.max_layers < self.min_layers:
             raise ArborConfigError("max_layers", self.max_layers, f"must be >= min_layers={self.min_layers}")
-        from transformers.activations import ACT2FN
-
         if self.hidden_act not in ACT2FN:
             raise ArborConfigError("hidden_act", self.hidden_act, f"must be one of {', '.join(sorted(ACT2FN))}")
         if not isinstance(self.substrate, str) or not self.substrate:

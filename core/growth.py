@@ -30,6 +30,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from arbor import compat
 from arbor_plugins.settings import describe_validation_error
 
 AXES = ("depth", "ffn", "heads", "hidden")
@@ -319,9 +320,7 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
     if first is not None:
         for layer in new_layers:  # a trainable stack gets trainable new layers, and vice versa
             layer.train(first.training)
-            if getattr(first, "gradient_checkpointing", False):  # and checkpointing, when the stack has it
-                layer.gradient_checkpointing = True
-                layer._gradient_checkpointing_func = first._gradient_checkpointing_func
+        compat.copy_checkpointing(first, new_layers)  # and checkpointing, when the stack has it
     model.model.layers = nn.ModuleList(layers)
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = i

@@ -63,6 +63,7 @@ from pydantic import ValidationError
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from arbor.compat import GradientCheckpointingLayer, copy_checkpointing
 from arbor.growable import parse_growth_spec
 from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
 from arbor_plugins.settings import describe_validation_error
@@ -401,14 +402,10 @@ def _checkpoint_new_layers(model) -> None:
     ``gradient_checkpointing_enable`` flags the layers that exist when it runs;
     a layer inserted later would otherwise keep every activation.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     on = next((m for m in layers if m.gradient_checkpointing), None)
-    for layer in layers if on is not None else []:
-        if not layer.gradient_checkpointing:
-            layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = on._gradient_checkpointing_func
+    if on is not None:
+        copy_checkpointing(on, [m for m in layers if not m.gradient_checkpointing])
 
 
 # ---------------------------------------------------------------------- resume

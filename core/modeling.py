@@ -19,20 +19,24 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
 
+from arbor import compat
+from arbor.compat import (
+    ACT2FN,
+    ALL_ATTENTION_FUNCTIONS,
+    BaseModelOutputWithPast,
+    Cache,
+    CausalLMOutputWithPast,
+    DynamicCache,
+    GradientCheckpointingLayer,
+    LlamaRotaryEmbedding,
+    accepts_cache_kwarg,
+    apply_rotary_pos_emb,
+    can_return_tuple,
+    capture_outputs,
+    eager_attention_forward,
+    merge_with_config_defaults,
+)
 from arbor.config import ArborConfig
 from arbor.freezing import FreezableMixin
 from arbor.growable import GrowableMixin
@@ -121,7 +125,7 @@ class ArborAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -134,8 +138,8 @@ class ArborAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -164,12 +168,13 @@ class ArborDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @accepts_cache_kwarg
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
@@ -179,7 +184,7 @@ class ArborDecoderLayer(GradientCheckpointingLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -196,7 +201,7 @@ class ArborPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ArborDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [compat.CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -235,7 +240,9 @@ class ArborPreTrainedModel(PreTrainedModel):
             from arbor.attention import resolve_attn_implementation
 
             attn_implementation = resolve_attn_implementation(attn_implementation)
-        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+        return compat.check_and_adjust_attn_implementation(
+            ArborPreTrainedModel, self, attn_implementation, is_init_check, **kwargs
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -285,6 +292,7 @@ class ArborModel(ArborPreTrainedModel):
         hook = get_plugin_manager().hook.arbor_pre_forward_stats
         return lambda i, h: hook(model=self, layer_idx=i, hidden_states=h.detach(), step=step)
 
+    @accepts_cache_kwarg
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -292,7 +300,7 @@ class ArborModel(ArborPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -301,17 +309,17 @@ class ArborModel(ArborPreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
 
-        causal_mask = create_causal_mask(
+        causal_mask = compat.create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
@@ -325,12 +333,13 @@ class ArborModel(ArborPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                # under the installed name: GradientCheckpointingLayer drops it by that name
+                **{compat.CACHE_KWARG: cache},
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return compat.model_output(last_hidden_state=hidden_states, cache=cache)
 
 
 class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, GenerationMixin):
@@ -345,13 +354,14 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @accepts_cache_kwarg
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -362,7 +372,7 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -374,10 +384,10 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return compat.causal_lm_output(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=compat.output_cache(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from arbor import compat
 from arbor.checkpointing import (
     latest_checkpoint,
     load_trainer_state,
@@ -146,7 +147,7 @@ class Trainer:
         self.device = torch.device(config.device)
         model.to(self.device)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            compat.enable_gradient_checkpointing(model)
         if config.growth.step is not None:
             model.config.growth = dict(config.growth.step)
         self.optimizer = make_optimizer(config)(_param_groups(model, config))

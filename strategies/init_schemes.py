@@ -29,13 +29,9 @@ import weakref
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from arbor_plugins import InitScheme
-
-
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from arbor_plugins import InitScheme, StrictSettings
 
 
 def _params(model) -> dict[str, torch.nn.Parameter]:
@@ -56,7 +52,7 @@ class ZeroInit(InitScheme):
 
 
 # ---------------------------------------------------------------------- split
-class SplitSettings(_Settings):
+class SplitSettings(StrictSettings):
     #: Std of the symmetry-breaking noise added to the copies' outgoing weights
     #: (it sums to zero over each original and its copies, so it cancels exactly).
     noise_std: float = Field(1e-3, ge=0.0)
@@ -202,7 +198,7 @@ class SplitInit(InitScheme):
 
 
 # --------------------------------------------------------------------- masked
-class MaskedSettings(_Settings):
+class MaskedSettings(StrictSettings):
     #: Training forwards over which the mask ramps from 0 to 1 (then it is removed).
     ramp_steps: int = Field(1000, ge=1)
 
@@ -393,7 +389,7 @@ def _old_layers(model, event) -> list[int]:
     return [i for i in range(model.config.num_hidden_layers) if i not in new]
 
 
-class CopySettings(_Settings):
+class CopySettings(StrictSettings):
     #: Std of noise added to every copied weight matrix (0: exact copies).
     noise_std: float = Field(0.0, ge=0.0)
 

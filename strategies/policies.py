@@ -3,13 +3,9 @@ policies (what trains after a growth step)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from arbor_plugins import FreezePolicy, InsertionPolicy
-
-
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from arbor_plugins import FreezePolicy, InsertionPolicy, StrictSettings
 
 
 # ------------------------------------------------------------------ insertion
@@ -34,7 +30,7 @@ class BottomPolicy(InsertionPolicy):
         return [0] * num_layers
 
 
-class InterleaveSettings(_Settings):
+class InterleaveSettings(StrictSettings):
     #: A new layer goes after every ``every``-th old layer, from the bottom, wrapping round.
     every: int = Field(1, ge=1)
 
@@ -73,7 +69,7 @@ class NoFreeze(FreezePolicy):
         return []
 
 
-class FreezeBelowSettings(_Settings):
+class FreezeBelowSettings(StrictSettings):
     #: Keep the final norm trainable with the head.
     train_norm: bool = True
 
@@ -98,7 +94,7 @@ class FreezeBelow(FreezePolicy):
         return model.freeze(*selectors, optimizer=optimizer)  # new layers are trainable as inserted
 
 
-class LoraBelowSettings(_Settings):
+class LoraBelowSettings(StrictSettings):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -23,14 +23,10 @@ import math
 from collections import deque
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from arbor_plugins import Decision, Trigger, TriggerState
+from arbor_plugins import Decision, StrictSettings, Trigger, TriggerState
 from arbor_strategies.stats import MEASURES, layer_stats, layer_utilization
-
-
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _depth_room(model, num_layers: int, max_layers: int | None) -> str | None:
@@ -43,7 +39,7 @@ def _depth_room(model, num_layers: int, max_layers: int | None) -> str | None:
 
 
 # ---------------------------------------------------------------- utilization
-class UtilizationSettings(_Settings):
+class UtilizationSettings(StrictSettings):
     threshold: float = Field(0.92, gt=0.0, le=1.0)
     fraction: float = Field(0.8, gt=0.0, le=1.0)
     cooldown: int = Field(5000, ge=0)
@@ -108,7 +104,7 @@ class UtilizationTrigger(Trigger):
 
 
 # --------------------------------------------------------------- loss plateau
-class PlateauSettings(_Settings):
+class PlateauSettings(StrictSettings):
     #: Steps over which the improvement is measured.
     window: int = Field(200, ge=2)
     #: Relative improvement of the smoothed loss below which training has plateaued.
@@ -166,7 +162,7 @@ class PlateauTrigger(Trigger):
 
 
 # ------------------------------------------------------------------- schedule
-class ScheduleSettings(_Settings):
+class ScheduleSettings(StrictSettings):
     #: Grow when the optimizer step reaches each of these (ascending).
     steps: list[int] | None = None
     #: Or when the tokens seen reach each of these (ascending).
@@ -221,7 +217,7 @@ class ScheduleTrigger(Trigger):
 
 
 # ------------------------------------------------------------ compute-optimal
-class ComputeSettings(_Settings):
+class ComputeSettings(StrictSettings):
     #: Tokens to train on per parameter of the current model before growing it.
     tokens_per_parameter: float = Field(20.0, gt=0.0)
     #: Count embedding (and untied head) parameters too; off by default, as in scaling-law counts.

@@ -22,16 +22,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from arbor import ArborConfigError
-from arbor_plugins import Substrate
+from arbor_plugins import StrictSettings, Substrate
 from arbor_substrates.frozen import FrozenEmbedding, check_untied, lift_width
 
 
-class BinarySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class BinarySettings(StrictSettings):
     #: Multiplies every value.
     scale: float = Field(1.0, gt=0)
     #: ``{-1, 1}`` instead of ``{0, 1}``.

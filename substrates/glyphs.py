@@ -62,10 +62,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from arbor import ArborConfigError
-from arbor_plugins import Substrate
+from arbor_plugins import StrictSettings, Substrate
 from arbor_substrates.frozen import FrozenEmbedding, check_untied, lift_width
 from arbor_substrates.tokenizer import BMP_SIZE, codepoint_text, is_reserved_token
 
@@ -76,9 +76,7 @@ GLYPH_RULES_VERSION = 1
 _CHUNK = 8192  # rows per block in the PCA sums: bounds the temporary copies
 
 
-class GlyphSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GlyphSettings(StrictSettings):
     #: Font file (TrueType/OpenType); None: matplotlib's DejaVu Sans.
     font: str | None = None
     #: ``tokenizer.json`` (or a directory with one) giving token texts; None: code points.

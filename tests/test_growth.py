@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import arbor_plugins
-from arbor import ArborConfig, ArborForCausalLM
+from arbor import ArborConfig, ArborForCausalLM, compat
 from arbor.growth import GrowthError
 from arbor.plugins import get_plugin_manager
 from arbor_strategies.init_schemes import bake_masks
@@ -217,7 +217,7 @@ def test_growth_fires_the_hooks():
 
 def test_inserted_layers_inherit_gradient_checkpointing():
     model = ArborForCausalLM(ArborConfig.from_preset("tiny")).train()
-    model.gradient_checkpointing_enable()
+    compat.enable_gradient_checkpointing(model)
     model.grow_depth(2)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     ids = torch.randint(0, 100, (2, 8))
