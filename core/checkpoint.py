@@ -4,10 +4,16 @@ transformers reports a tensor whose shape disagrees with the config in a log
 table and then raises a generic error; a grown model makes such mismatches a
 real possibility (a config edited by hand, a half-copied directory), so arbor
 checks first and names the tensor and both shapes in the error itself.
+
+Checkpoints arbor writes also carry ``checksums.json``: the SHA-256 of every
+file in the directory. safetensors checks its header but not the tensor bytes,
+so a flipped bit in a weight loads silently; with the checksums it is found,
+and the file is named, before anything is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -61,3 +67,84 @@ def check_checkpoint_shapes(directory: str | os.PathLike, model_class, config) -
             f"checkpoint {os.fspath(directory)} does not match its config: tensor {name} has shape "
             f"{list(shape)} in the file but the config needs {list(want)}{more}"
         )
+
+
+#: File in a checkpoint directory listing the SHA-256 of every other file in it.
+CHECKSUMS = "checksums.json"
+_CHUNK = 1 << 20
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint file is damaged or missing: its bytes differ from the checksum written with it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != CHECKSUMS
+    )
+
+
+def write_checksums(directory: str | os.PathLike) -> Path:
+    """Write ``checksums.json`` for every file now in ``directory`` and return its path."""
+    directory = Path(directory)
+    record = {"algorithm": "sha256", "files": {name: _sha256(directory / name) for name in _files(directory)}}
+    path = directory / CHECKSUMS
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def verify_checksums(directory: str | os.PathLike, only=None) -> bool:
+    """Check the files of ``directory`` against its ``checksums.json``.
+
+    ``only`` (a predicate on the file name relative to ``directory``) limits the
+    check to some files, e.g. those a model load reads. Returns False when the
+    directory has no checksums (written elsewhere, or by an older arbor): nothing
+    to check against. Raises `CheckpointIntegrityError` naming the first file
+    that is missing or whose bytes changed.
+    """
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = record["files"]
+        if record.get("algorithm") != "sha256" or not isinstance(files, dict):
+            raise ValueError("unknown layout")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointIntegrityError(f"{path}: damaged ({type(exc).__name__}: {exc})") from None
+    hint = f"if it was changed on purpose, delete {path}"
+    for name, expected in sorted(files.items()):
+        if only is not None and not only(name):
+            continue
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointIntegrityError(f"{file}: missing (listed in {CHECKSUMS}; {hint})")
+        if _sha256(file) != expected:
+            raise CheckpointIntegrityError(
+                f"{file}: damaged (its SHA-256 differs from the one in {CHECKSUMS}; {hint})"
+            )
+    return True
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a checkpoint file is one a model load reads (config, weights, generation config)."""
+    return name in ("config.json", "generation_config.json") or name.startswith("model.safetensors")
+
+
+def drop_checksums(directory: str | os.PathLike) -> None:
+    """Remove ``checksums.json`` from ``directory``: its files are about to be rewritten."""
+    try:
+        (Path(directory) / CHECKSUMS).unlink()
+    except FileNotFoundError:
+        pass

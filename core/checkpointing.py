@@ -9,7 +9,11 @@ only, read back with ``torch.load(weights_only=True)``, so no pickled code).
 
 Writes are atomic: everything goes into a hidden sibling directory that is
 renamed into place only when complete, so a crash or a kill during a save
-leaves the previous checkpoint as it was. Only the last ``keep`` survive.
+leaves the previous checkpoint as it was. Every checkpoint carries
+``checksums.json`` (SHA-256 of each file); a new checkpoint is read back and
+checked before older ones are rotated away, so the last ``keep`` survive and
+rotation never removes the only intact one. Resuming skips a damaged
+checkpoint, naming the file, in favour of the newest intact one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from arbor.checkpoint import CheckpointIntegrityError, verify_checksums, write_checksums
 
 PREFIX = "step-"
 STATE = "trainer_state.json"
@@ -47,8 +53,23 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``run_dir``, intact or not (see `latest_intact_checkpoint`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_intact_checkpoint(run_dir: str | Path, warn=None) -> Path | None:
+    """The newest checkpoint whose files match their checksums; damaged ones are skipped,
+    each named through ``warn(message)`` when given."""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checksums(checkpoint)
+        except CheckpointIntegrityError as exc:
+            if warn is not None:
+                warn(f"skipping checkpoint {checkpoint.name}: {exc}")
+            continue
+        return checkpoint
+    return None
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -86,6 +107,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / TENSORS)
         state = {**trainer_state, "step": step, "optimizer_groups": groups, "python_rng": _python_rng()}
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
+        write_checksums(tmp)
         if final.exists():  # a re-save of the same step replaces it only once the new one is complete
             old = root / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -100,7 +122,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         if bars:
             hf_logging.enable_progress_bar()
     _fsync_dir(root)
-    for stale in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    # Read the new checkpoint back before rotating: if the disk did not keep what was written,
+    # the older checkpoints are all there is, and none of them may go.
+    verify_checksums(final)
+    # Rotation counts only this run's history up to the new checkpoint: checkpoints of later steps
+    # (left by a run resumed from an earlier one, e.g. past a damaged checkpoint) are replaced as the
+    # run reaches their steps, and never push an intact one out.
+    history = [c for c in list_checkpoints(run_dir) if c.name <= final.name]
+    for stale in history[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -110,9 +139,25 @@ def load_trainer_state(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str
     path = Path(checkpoint)
     if not (path / STATE).is_file() or not (path / TENSORS).is_file():
         raise CheckpointError(f"{path} is not a complete training checkpoint (needs {STATE} and {TENSORS})")
-    state = json.loads((path / STATE).read_text())
-    tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not {"step", "tokens", "config", "optimizer_groups"} <= state.keys():
+            raise ValueError("expected a table with step, tokens, config and optimizer_groups")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE}: cannot be read: {_first_line(exc)}") from None
+    try:
+        # weights_only: a file holding pickled code is refused, never run.
+        tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not {"optimizer", "rng"} <= tensors.keys():
+            raise ValueError("expected a dict with optimizer and rng")
+    except Exception as exc:  # noqa: BLE001 - truncated zip, pickled objects, wrong layout: one line naming the file
+        raise CheckpointError(f"{path / TENSORS}: cannot be read: {_first_line(exc)}") from None
     return state, tensors
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def restore_optimizer(make_optimizer, model, state: dict[str, Any], tensors: dict[str, Any]):

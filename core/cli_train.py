@@ -68,7 +68,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist")
     text = file.read_text(encoding="utf-8")
     try:
-        if file.suffix in (".yaml", ".yml"):
+        if file.suffix == ".json":  # what a run saves as train_config.json
+            data = json.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text) or {}
@@ -201,18 +203,31 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace) -> int:
     import torch
 
-    from arbor.checkpointing import latest_checkpoint, load_trainer_state
+    from arbor.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
     from arbor.plot import plot_run
     from arbor.plugins_toml import load_plugins_toml
-    from arbor.train import TrainConfig, Trainer
+    from arbor.train import TrainConfig, Trainer, truncate_metrics
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory; choose another --out")
     selection = load_plugins_toml(args.plugins)
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
-    if not args.resume and (out / "metrics.jsonl").exists():
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    resume_from = latest_intact_checkpoint(out, warn=warn) if args.resume else None
+    if args.resume and resume_from is None and latest_checkpoint(out) is not None:
+        raise ValueError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged (see the warnings above)")
+    if args.resume and resume_from is None and not (out / "train_config.json").is_file():
+        raise ValueError(f"--resume: {out} holds no run to resume (no checkpoint, no train_config.json); "
+                         "start without --resume")
+    if not args.resume and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume_from is None and ((out / "train_config.json").is_file() or (out / "metrics.jsonl").is_file()):
+        # Killed before its first checkpoint: nothing was saved, so the run starts again from step 0
+        # (with its saved settings under --resume) and the records it had logged are replaced.
+        if args.resume:
+            args.config, args.recipe, args.set = str(out / "train_config.json"), "default", []
+        print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+        truncate_metrics(out, -1)
     if resume_from is not None:
         saved, _ = load_trainer_state(resume_from)
         config = TrainConfig.model_validate(saved["config"])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
+from arbor import checkpoint as checkpoint_checks
 from arbor import compat
 from arbor.compat import (
     ACT2FN,
@@ -210,17 +211,19 @@ class ArborPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": ArborDecoderLayer, "attentions": ArborAttention}
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As in transformers, but a local checkpoint whose tensors do not fit its
-        config fails with an error naming the tensor and both shapes."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify_checksums: bool = True, **kwargs):
+        """As in transformers, but a local checkpoint is checked first: a file whose bytes
+        differ from its ``checksums.json`` (see `arbor.checkpoint`) fails naming the file, and
+        tensors that do not fit the config fail naming the tensor and both shapes."""
         path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and not kwargs.get("ignore_mismatched_sizes"):
-            from arbor.checkpoint import check_checkpoint_shapes
-
+        is_local_dir = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+        if is_local_dir and verify_checksums:
+            checkpoint_checks.verify_checksums(path, only=checkpoint_checks.is_model_file)
+        if is_local_dir and not kwargs.get("ignore_mismatched_sizes"):
             config = kwargs.get("config")
             if not isinstance(config, ArborConfig):
                 config = ArborConfig.from_pretrained(path)
-            check_checkpoint_shapes(path, cls, config)
+            checkpoint_checks.check_checkpoint_shapes(path, cls, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -230,6 +233,8 @@ class ArborPreTrainedModel(PreTrainedModel):
 
         if has_lora(self) and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = merged_state_dict(self)
+        # Checksums of an earlier save there would describe files this save replaces.
+        checkpoint_checks.drop_checksums(save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):

@@ -27,7 +27,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbor import compat
+from arbor.checkpoint import verify_checksums
 from arbor.checkpointing import (
+    CheckpointError,
     latest_checkpoint,
     load_trainer_state,
     restore_optimizer,
@@ -344,9 +346,14 @@ class Trainer:
         """Continue the run saved in ``checkpoint`` (the grown architecture comes from its config)."""
         from arbor.modeling import ArborForCausalLM
 
+        verify_checksums(checkpoint)  # once here; the load below need not hash the files again
         state, tensors = load_trainer_state(checkpoint)
         config = config or TrainConfig.model_validate(state["config"])
-        model = ArborForCausalLM.from_pretrained(checkpoint)
+        try:
+            model = ArborForCausalLM.from_pretrained(checkpoint, verify_checksums=False)
+        except (OSError, ValueError, RuntimeError) as exc:  # a damaged file without checksums to name it
+            raise CheckpointError(f"{checkpoint}: the model cannot be loaded: {str(exc).strip().splitlines()[0]}") \
+                from None
         frozen = set(state.get("frozen", []))
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
@@ -357,4 +364,28 @@ class Trainer:
         trainer.trigger.load_state_dict(state.get("trigger", {}))
         set_rng_state(tensors["rng"])
         restore_python_rng(state.get("python_rng"))
+        truncate_metrics(trainer.out, trainer.step)
         return trainer
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` after ``step`` (and a line cut short by a crash).
+
+    Everything logged up to a step is on disk before that step's checkpoint is
+    written, so after resuming from it these records are exactly the ones the
+    run is about to log again.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
