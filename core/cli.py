@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""
     from arbor.plugins import PluginLoadError
     from arbor.plugins_toml import PluginsConfigError
+    from arbor.train import TrainingStopped
 
     args = parse_args(argv)
     try:
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+    except TrainingStopped as exc:  # the run failed, not its command line: exit 1, still one line
+        print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,8 +40,14 @@ from arbor.checkpointing import (
 from arbor.optim import step_warmup
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss, a growth step that broke its exactness promise);
+    the message says why and what was kept."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # An infinite or NaN setting (lr=Infinity) would train garbage without an error.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class GrowthSettings(_Strict):
@@ -58,6 +64,10 @@ class GrowthSettings(_Strict):
     freeze_settings: dict[str, Any] = Field(default_factory=dict)
     new_param_lr_multiplier: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    #: What a step whose init claims exactness but moves the probe loss by more than
+    #: ``exact_tolerance`` (relative) does: "warn" logs it as not exact, "error" stops the run.
+    exactness: Literal["warn", "error"] = "warn"
+    exact_tolerance: float = Field(1e-4, gt=0)
 
 
 class TrainConfig(_Strict):
@@ -91,6 +101,9 @@ class TrainConfig(_Strict):
     sample_prompt: str = "The"
     sample_tokens: int = Field(40, ge=0)
     device: str = "cpu"
+    #: A step whose loss or gradient norm is not finite: "stop" the run before the update (the
+    #: weights and the last checkpoint stay as they were), or "skip" the update and go on.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -146,6 +159,7 @@ class Trainer:
         self.selection = plugins if plugins is not None else Selection()
         self.progress, self.echo = progress, echo
         self.step, self.tokens, self.history = 0, 0, []
+        self.nonfinite_steps = 0
         self.device = torch.device(config.device)
         model.to(self.device)
         if config.gradient_checkpointing:
@@ -207,8 +221,24 @@ class Trainer:
             loss = self._loss(batch) / c.grad_accum
             loss.backward()
             total += loss.item()
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], c.grad_clip)
+        # The norm is wanted even without clipping: a non-finite one must not reach the weights.
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(grads, c.grad_clip if c.grad_clip > 0 else math.inf))
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            if c.on_nonfinite == "stop":
+                last = latest_checkpoint(self.out)
+                kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
+                raise TrainingStopped(
+                    f"step {self.step + 1}: loss {total} and gradient norm {norm} are not all finite; stopped "
+                    f"before applying this update, and {kept}. Lower lr (now {c.lr}), or set on_nonfinite=skip "
+                    "to skip such steps"
+                )
+            self._log({"event": "skipped", "step": self.step + 1, "loss": total, "grad_norm": norm})
+            self.step += 1  # the batch is consumed, as in the uninterrupted schedule
+            self.tokens += c.batch_size * c.grad_accum * self.train_blocks.shape[1]
+            return total
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_warmup(self.optimizer)
@@ -256,13 +286,28 @@ class Trainer:
             "layers_before": layers_before, "layers": self.model.config.num_hidden_layers, "frozen": len(frozen),
         }
         record.pop("resized", None)
+        broken = event.exact and not self._same_loss(before, after)
+        if broken:  # the init scheme promised an unchanged function; the probe says otherwise
+            record["exact"], record["claimed_exact"] = False, True
         self.history.append(record)
         self._log(record)
-        exact = "exact" if event.exact else "not exact"
+        if broken:
+            message = (f"step {self.step}: init scheme {event.init!r} claims an exact growth step, but the probe "
+                       f"loss moved {before:.6f} -> {after:.6f} (more than exact_tolerance="
+                       f"{g.exact_tolerance:g} relative); logged as not exact")
+            if g.exactness == "error":
+                raise TrainingStopped(message.replace("; logged as not exact", "; stopped (growth.exactness=error)"))
+            self.echo(f"warning: {message}")
+        exact = "exact" if record["exact"] else "not exact"
         self.echo(f"step {self.step}: grew {event.axis} ({event.init}, {exact}): {params_before:,} -> "
                   f"{record['params']:,} params, {layers_before} -> {record['layers']} layers; probe loss "
                   f"{before:.4f} -> {after:.4f}; because {decision.reason}")
         return record
+
+    def _same_loss(self, before: float, after: float) -> bool:
+        # bf16 autocast rounds differently once shapes change, even for a function-preserving step.
+        tolerance = max(self.config.growth.exact_tolerance, 1e-2 if self.config.bf16 else 0.0)
+        return abs(after - before) <= tolerance * max(1.0, abs(before))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -99,6 +99,7 @@ def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     (["train", "--recipe", "nope"], "--recipe"),
     (["train", "--set", "lr"], "key=value"),
     (["train", "--set", "lr=-1"], "lr"),
+    (["train", "--set", "lr=Infinity"], "lr"),
     (["train", "--set", "colour=red"], "colour"),
     (["train", "--set", "model.preset=nope"], "preset"),
     (["train", "--set", "model.hidden_size=-4"], "hidden_size"),
