@@ -39,11 +39,16 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--parse-special", action="store_true",
+                   help="read special-token text in the prompt (<|bos|>, <|eos|>) as those tokens; "
+                        "by default it is plain text")
 
 
 @command("generate", "Continue a prompt with a trained checkpoint.", _generate_arguments)
 def generate_command(args: argparse.Namespace) -> int:
     import torch
+
+    from arbor.tokenizer import encode
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be >= 1")
@@ -53,7 +58,9 @@ def generate_command(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; generate needs the run's tokenizer")
     torch.manual_seed(args.seed)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if not args.prompt:
+        raise ValueError("the prompt is empty; give some text to continue")
+    ids = encode(tokenizer, args.prompt, parse_special=args.parse_special, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty after tokenization; give some text")
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None) \

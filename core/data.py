@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from arbor.tokenizer import encode
+
 #: The corpus spec naming the built-in corpus.
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -240,11 +242,14 @@ def _split_tail(documents: list[str], held_chars: int) -> tuple[list[str], list[
 # --------------------------------------------------------------------------- packing
 
 
-def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int = 1024) -> torch.Tensor:
+def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int = 1024,
+                       parse_special: bool = False) -> torch.Tensor:
     """One int32 token stream: each document's tokens followed by ``tokenizer.eos_token_id``.
 
     No other special tokens are added (``add_special_tokens=False``): the eos
-    after a document tells the model where the next one begins. Documents are
+    after a document tells the model where the next one begins. Special-token
+    text inside a document (``"<|eos|>"``) is encoded as plain text unless
+    ``parse_special``, so data cannot forge document boundaries. Documents are
     encoded in batches through the fast tokenizer, which runs them in parallel.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -253,8 +258,9 @@ def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int =
     documents = list(documents)
     parts = []
     for start in range(0, len(documents), chunk):
-        encoded = tokenizer(
-            documents[start : start + chunk], add_special_tokens=False, return_attention_mask=False, verbose=False
+        encoded = encode(
+            tokenizer, documents[start : start + chunk], parse_special=parse_special, add_special_tokens=False,
+            return_attention_mask=False, verbose=False,
         )["input_ids"]
         stream: list[int] = []
         for ids in encoded:
@@ -284,8 +290,9 @@ class PackedDataset(Dataset):
         self.blocks = tokens[: self.num_blocks * seq_len].view(self.num_blocks, seq_len)
 
     @classmethod
-    def from_documents(cls, documents: Sequence[str], tokenizer: Any, seq_len: int) -> PackedDataset:
-        return cls(tokenize_documents(documents, tokenizer), seq_len)
+    def from_documents(cls, documents: Sequence[str], tokenizer: Any, seq_len: int, *,
+                       parse_special: bool = False) -> PackedDataset:
+        return cls(tokenize_documents(documents, tokenizer, parse_special=parse_special), seq_len)
 
     @property
     def num_tokens(self) -> int:

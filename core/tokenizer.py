@@ -9,8 +9,10 @@ tokenizer saves with ``save_pretrained(dir)`` as ``tokenizer.json`` plus
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -33,6 +35,28 @@ _SPECIAL_NAMES = {
 
 class TokenizerError(ValueError):
     """A tokenizer cannot be trained or loaded as asked; the message names the path or field."""
+
+
+# Lone surrogates (U+D800..U+DFFF) are halves of UTF-16 pairs, not characters: no UTF-8 encoder
+# and no tokenizer takes them. They reach Python strings from mis-decoded files and JSON escapes.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD (the replacement character)."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def encode(tokenizer: Any, texts: str | list[str], *, parse_special: bool = False, **kwargs: Any):
+    """Tokenize user text (a prompt, training documents) safely.
+
+    Text is text: ``"<|eos|>"`` written in a document is encoded as those
+    characters, not as the end-of-document token, unless ``parse_special`` asks
+    for special tokens to be recognised. Lone surrogates become U+FFFD instead
+    of failing inside the tokenizer.
+    """
+    texts = clean_text(texts) if isinstance(texts, str) else [clean_text(t) for t in texts]
+    return tokenizer(texts, split_special_tokens=not parse_special, **kwargs)
 
 
 def train_bpe(

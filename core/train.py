@@ -38,6 +38,7 @@ from arbor.checkpointing import (
     set_rng_state,
 )
 from arbor.optim import step_warmup
+from arbor.tokenizer import encode
 
 
 class TrainingStopped(RuntimeError):
@@ -78,6 +79,8 @@ class TrainConfig(_Strict):
     #: "auto": the substrate's own tokenizer if it has one (unicode-glyphs: code points), else "bpe";
     #: "bpe": train a byte-level BPE on the training split; else a tokenizer path.
     tokenizer: str = "auto"
+    #: Read special-token text in the data (``<|eos|>``) as those tokens; by default it is plain text.
+    parse_special_tokens: bool = False
     vocab_size: int = Field(2048, ge=64)
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -374,7 +377,7 @@ class Trainer:
         if self.tokenizer is None:
             raise ValueError("sampling needs a tokenizer")
         prompt = self.config.sample_prompt if prompt is None else prompt
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        ids = encode(self.tokenizer, prompt, return_tensors="pt").input_ids.to(self.device)
         self.model.eval()
         with torch.no_grad():
             # Greedy, but a small model loops on its favourite tokens; forbidding repeated trigrams
