@@ -117,12 +117,43 @@ def build_config(args: argparse.Namespace):
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"config: {describe_validation_error(exc)}") from None
-    from arbor.config import ArborConfig
-
-    spec = dict(config.model)  # check the model settings now, not after minutes of data preparation
-    spec.pop("attn_implementation", None)
-    ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": config.vocab_size})
+    check_model_settings(config.model, config.vocab_size)  # now, not after minutes of data preparation
     return config
+
+
+#: Model settings a run takes from its tokenizer (`build_model`), so a value in the model table
+#: would be replaced without a word.
+_FROM_THE_TOKENIZER: dict[str, str] = {
+    "vocab_size": "the vocabulary size is the tokenizer's; set the top-level vocab_size (the size of the BPE "
+                  "a run trains) instead",
+    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), "the special-token ids are the tokenizer's"),
+}
+#: Keys of the model table that are not ArborConfig fields.
+_MODEL_TABLE_KEYS = ("preset", "attn_implementation")
+
+
+def check_model_settings(model: dict[str, Any], vocab_size: int) -> None:
+    """Build the `ArborConfig` the ``model`` table describes, or raise one line naming ``model.KEY``."""
+    import dataclasses
+
+    from arbor.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
+
+    spec = dict(model)
+    spec.pop("attn_implementation", None)
+    for key, reason in _FROM_THE_TOKENIZER.items():
+        if key in spec:
+            raise ValueError(f"config: model.{key}={spec[key]!r} is invalid: {reason}")
+    try:
+        ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": vocab_size})
+    except ArborConfigKeyError as exc:
+        fields = {f.name for f in dataclasses.fields(ArborConfig)}
+        hint = closest_field(exc.field, (fields | set(_MODEL_TABLE_KEYS)) - set(_FROM_THE_TOKENIZER))
+        allowed = f"did you mean model.{hint}?" if hint else "the table takes preset, attn_implementation and " \
+            "ArborConfig's fields (help(arbor.ArborConfig))"
+        raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: not a model setting; {allowed}") \
+            from None
+    except ArborConfigError as exc:
+        raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: {exc.allowed}") from None
 
 
 def prepare(config, echo=print):
@@ -143,8 +174,9 @@ def prepare(config, echo=print):
     else:
         tokenizer = load_tokenizer(config.tokenizer)
         echo(f"tokenizer: {config.tokenizer} ({len(tokenizer):,} tokens)")
-    train = PackedDataset.from_documents(train_docs, tokenizer, config.seq_len)
-    val = PackedDataset.from_documents(val_docs, tokenizer, config.seq_len)
+    special = dict(parse_special=config.parse_special_tokens)
+    train = PackedDataset.from_documents(train_docs, tokenizer, config.seq_len, **special)
+    val = PackedDataset.from_documents(val_docs, tokenizer, config.seq_len, **special)
     if len(train) < 1 or len(val) < 1:
         raise ValueError(f"data: {config.data} gives {len(train)} training and {len(val)} validation blocks of "
                          f"seq_len={config.seq_len} tokens; use more text or a shorter seq_len")

@@ -149,3 +149,27 @@ def test_bad_input_is_one_line(capsys, argv, fragments):
         code = exc.code
     out, err = capsys.readouterr()
     assert_usage_error(code, out, err, *fragments)
+
+
+# ------------------------------------------------------------ train's model table
+@pytest.mark.parametrize(("setting", "fragments"), [
+    ("model.num_layers=8", ["model.num_layers=8", "did you mean model.num_hidden_layers?"]),
+    ("model.n_head=4", ["model.n_head=4", "did you mean model.num_attention_heads?"]),
+    ("model.presett=tiny", ["model.presett='tiny'", "did you mean model.preset?"]),
+    ("model.colour=1", ["model.colour=1", "not a model setting", "preset"]),
+    ("model.attention_bias=true", ["model.attention_bias=True", "arbor does not support it"]),
+    ("model.vocab_size=100", ["model.vocab_size=100", "top-level vocab_size"]),
+    ("model.eos_token_id=3", ["model.eos_token_id=3", "tokenizer"]),
+])
+def test_train_refuses_a_bad_model_setting_before_any_work(capsys, tmp_path, setting, fragments):
+    code, out, err = run(capsys, "train", "--set", setting, "--out", str(tmp_path / "run"))
+    assert_usage_error(code, out, err, *fragments)  # out == "": no data was read, no tokenizer trained
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_typo_in_the_config_files_model_table(capsys, tmp_path):
+    (tmp_path / "run.toml").write_text('max_steps = 5\n\n[model]\npreset = "tiny"\nnum_hiden_layers = 4\n')
+    code, out, err = run(capsys, "train", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run"))
+    assert_usage_error(code, out, err, "model.num_hiden_layers=4", "did you mean model.num_hidden_layers?")
+    assert not (tmp_path / "run").exists()
+
