@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from arbor_plugins import components
+
 #: The kinds of component arbor knows how to use. Plugins may not invent kinds:
 #: a typo in a kind would otherwise register a component nobody ever looks up.
 KINDS: tuple[str, ...] = (
@@ -62,6 +64,12 @@ class Registry:
             raise ValueError(f"unknown component kind {kind!r}; valid kinds: {', '.join(KINDS)}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"component name must be a non-empty string, got {name!r}")
+        base = _base_class(kind)
+        if not isinstance(component, base):
+            raise TypeError(
+                f"{kind} {name!r} registered by {self.current_plugin!r} is a {type(component).__name__}, not an "
+                f"instance of arbor_plugins.{base.__name__}; subclass it (see arbor_plugins.components)"
+            )
         existing = self._entries[kind].get(name)
         if existing is not None:
             raise ComponentConflictError(
@@ -92,3 +100,16 @@ class Registry:
 
     def by_plugin(self, plugin: str) -> list[Entry]:
         return [e for e in self.entries() if e.plugin == plugin]
+
+
+def _base_class(kind: str) -> type:
+    """The class every component of ``kind`` derives from."""
+    return {
+        "trigger": components.Trigger,
+        "insertion_policy": components.InsertionPolicy,
+        "init_scheme": components.InitScheme,
+        "freeze_policy": components.FreezePolicy,
+        "substrate": components.Substrate,
+        "attention_backend": components.AttentionBackend,
+        "rope_scaling": components.RopeScaling,
+    }[kind]

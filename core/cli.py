@@ -279,7 +279,7 @@ from arbor import cli_run, cli_train  # noqa: E402,F401 - register train, genera
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""
-    from arbor.plugins import PluginLoadError
+    from arbor.plugins import PluginError, PluginLoadError
     from arbor.plugins_toml import PluginsConfigError
     from arbor.train import TrainingStopped
 
@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     except TrainingStopped as exc:  # the run failed, not its command line: exit 1, still one line
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except PluginError as exc:  # someone else's code failed: name it, without arbor's traceback
+        print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
 
 

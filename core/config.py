@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 from typing import Any
 
 from transformers import LlamaConfig, PreTrainedConfig
@@ -437,6 +438,10 @@ class ArborConfig(PreTrainedConfig):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ArborConfigError("rope_parameters.rope_type", rope_type, f"must be one of {', '.join(ROPE_TYPES)}")
+        for key in ("rope_theta", "factor"):  # transformers checks neither sign nor finiteness
+            value = rope.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ArborConfigError(f"rope_parameters.{key}", value, "must be a finite number > 0")
         try:
             self.validate_rope()
         except (KeyError, ValueError, TypeError) as exc:

@@ -25,10 +25,12 @@ Environment variables:
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +42,17 @@ from arbor_plugins import ComponentConflictError, Registry, hookspecs
 __all__ = [
     "BUILTIN_DISTRIBUTION",
     "ArborPluginWarning",
+    "Guarded",
+    "PluginError",
     "PluginLoadError",
     "call_hook",
     "get_plugin_manager",
     "get_registry",
     "has_hook_impls",
+    "hook_implementers",
     "plugin_infos",
     "reset_plugins",
+    "unwrap",
 ]
 
 #: The distribution whose entry points count as built-in plugins.
@@ -252,7 +258,9 @@ def get_registry(*, strict: bool | None = None) -> Registry:
                 continue
             registry.current_plugin = label
             for entry in staging.entries():
-                registry.register(entry.kind, entry.name, entry.component)
+                # Everything arbor later calls on a component goes through the guard.
+                guarded = Guarded(entry.component, label, entry.kind, f"{entry.kind} {entry.name!r}")
+                registry.register(entry.kind, entry.name, guarded)
         registry.current_plugin = "<unknown>"
         _state.registry = registry
         return registry
@@ -321,8 +329,37 @@ def _hook_caller(name: str) -> pluggy.HookCaller:
 
 
 def call_hook(name: str, **kwargs: Any) -> Any:
-    """Call hook ``name`` on every plugin; a list of results (one value for firstresult hooks)."""
-    return _hook_caller(name)(**kwargs)
+    """Call hook ``name`` on every plugin; a list of results (one value for firstresult hooks).
+
+    A hook implementation that raises becomes a `PluginError` naming its plugin and the hook.
+    """
+    caller = _hook_caller(name)
+    try:
+        return caller(**kwargs)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{describe_plugin(_failing_plugin(caller, exc))} failed in hook {name}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _failing_plugin(caller: pluggy.HookCaller, exc: BaseException) -> str:
+    """The plugin whose implementation of ``caller`` raised ``exc``: found by the code objects
+    on the traceback, since pluggy re-raises the implementation's own exception."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
+             if hasattr(impl.function, "__code__")}
+    tb, found = exc.__traceback__, "<unknown>"
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        if tb.tb_frame.f_code in codes:
+            break
+        tb = tb.tb_next
+    return found
+
+
+def hook_implementers(name: str) -> list[str]:
+    """How the plugins implementing hook ``name`` are named to users (see `describe_plugin`)."""
+    return [describe_plugin(impl.plugin_name) for impl in _hook_caller(name).get_hookimpls()]
 
 
 def has_hook_impls(name: str) -> bool:
@@ -332,3 +369,118 @@ def has_hook_impls(name: str) -> bool:
     activations every layer) when nobody listens.
     """
     return bool(_hook_caller(name).get_hookimpls())
+
+
+# ------------------------------------------------------------------ the guard
+class PluginError(RuntimeError):
+    """Plugin code failed, or returned something of the wrong kind; the message names the
+    plugin, its distribution and version, and the call (the original error is chained)."""
+
+
+def describe_plugin(label: str) -> str:
+    """``'arbor-strategy-x 0.2 (entry point x)'`` for a registry label, as users see it named."""
+    if _state is not None:
+        for plugin in _state.plugins:
+            if label in (plugin.label, plugin.pm_name):
+                builtin = ", built into arbor" if plugin.builtin else ""
+                return (f"plugin {plugin.distribution!r} {plugin.version} "
+                        f"(entry point {plugin.entry_point!r}{builtin})")
+    return f"plugin {label!r}"
+
+
+def _json_table(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"a {type(value).__name__}, not a dict"
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        return f"a dict that is not JSON ({exc}); trigger state must be plain numbers, strings, lists and dicts"
+    return None
+
+
+def _is(kind: type, what: str):
+    return lambda value: None if isinstance(value, kind) else f"a {type(value).__name__}, not {what}"
+
+
+def _int_list(value: Any) -> str | None:
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return None if ok else f"{value!r}, not a list of layer indices"
+
+
+def _str_list(value: Any) -> str | None:
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return None if ok else f"{value!r}, not a list of parameter names"
+
+
+def _result_checks() -> dict[str, Callable[[Any], str | None]]:
+    """What each call must return, by ``kind.method``."""
+    from torch import nn
+
+    return {
+        "trigger.start": _is(arbor_plugins.TriggerState, "a TriggerState"),
+        "trigger_state.decide": _is(arbor_plugins.Decision, "a Decision"),
+        "trigger_state.state_dict": _json_table,
+        "insertion_policy.positions": _int_list,
+        "init_scheme.default_positions": lambda value: None if value is None else _int_list(value),
+        "freeze_policy.apply": lambda value: None if value is None else _str_list(value),
+        "substrate.build": _is(nn.Module, "a torch.nn.Module"),
+        "attention_backend.is_available": lambda value: None if isinstance(value, tuple) and len(value) == 2
+        else f"{value!r}, not an (available, reason) pair",
+    }
+
+
+# Calls whose errors are the user's (bad settings), not the plugin's: they pass through unwrapped.
+_UNGUARDED = {"validate_settings"}
+
+
+class Guarded:
+    """A plugin's component (or the state object one returned) whose every method call runs
+    under the guard: an exception becomes a `PluginError` naming the plugin and the call, and
+    a result of the wrong type is an error too. Attributes read through unchanged."""
+
+    __slots__ = ("_target", "_owner", "_kind", "_what")
+
+    def __init__(self, target: Any, owner: str, kind: str, what: str):
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_what", what)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name.startswith("_") or name in _UNGUARDED or not callable(value) or isinstance(value, type):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            where = f"{self._what}.{name}()"
+            try:
+                result = value(*args, **kwargs)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"{describe_plugin(self._owner)} failed in {where}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            check = _result_checks().get(f"{self._kind}.{name}")
+            problem = check(result) if check is not None else None
+            if problem is not None:
+                raise PluginError(f"{describe_plugin(self._owner)}: {where} returned {problem}")
+            if isinstance(result, arbor_plugins.TriggerState):
+                return Guarded(result, self._owner, "trigger_state", f"{self._what} state")
+            return result
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, value)
+
+    @property  # type: ignore[misc]
+    def __class__(self):  # isinstance(guarded, InitScheme) holds as for the component itself
+        return type(self._target)
+
+    def __repr__(self) -> str:
+        return f"Guarded({self._target!r})"
+
+
+def unwrap(component: Any) -> Any:
+    """The component behind a `Guarded` proxy (itself when it is not one)."""
+    return object.__getattribute__(component, "_target") if type(component) is Guarded else component

@@ -268,3 +268,13 @@ def test_a_saved_config_with_a_stray_key_does_not_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**saved, "num_layers": 8}))
     with pytest.raises(ArborConfigKeyError, match="num_layers=8 .*did you mean num_hidden_layers"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("rope", "field"), [
+    ({"rope_type": "default", "rope_theta": -5.0}, "rope_parameters.rope_theta"),
+    ({"rope_type": "default", "rope_theta": float("inf")}, "rope_parameters.rope_theta"),
+    ({"rope_type": "linear", "rope_theta": 10_000.0, "factor": 0.0}, "rope_parameters.factor"),
+])
+def test_rope_numbers_must_be_finite_and_positive(rope, field):
+    with pytest.raises(ArborConfigError, match=field.replace(".", r"\.")):
+        ArborConfig.from_preset("tiny", rope_parameters=rope)

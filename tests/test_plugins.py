@@ -177,7 +177,7 @@ def test_plugin_whose_register_raises_is_skipped(site):
 
         @arbor_plugins.hookimpl
         def arbor_register(registry):
-            registry.register("substrate", "half-done", object())
+            registry.register("substrate", "half-done", arbor_plugins.Substrate())
             raise RuntimeError("boom")
         """,
     )
@@ -185,6 +185,22 @@ def test_plugin_whose_register_raises_is_skipped(site):
         reg = get_registry()
     assert "half-done" not in reg.names("substrate")  # nothing left behind
     assert not any(i["distribution"] == "fakeplug" and "error" not in i for i in plugin_infos())
+
+
+def test_plugin_registering_a_non_component_is_skipped_and_named(site):
+    site(
+        "fakeplug",
+        """
+        import arbor_plugins
+
+        @arbor_plugins.hookimpl
+        def arbor_register(registry):
+            registry.register("trigger", "not-a-trigger", object())
+        """,
+    )
+    with pytest.warns(ArborPluginWarning, match=r"fakeplug.*'not-a-trigger'.*not an instance of arbor_plugins.Trigger"):
+        reg = get_registry()
+    assert "not-a-trigger" not in reg.names("trigger")
 
 
 def test_plugin_with_misspelled_hook_is_skipped(site):
@@ -343,3 +359,118 @@ def test_hookspecs_match_kinds():
     from arbor_plugins.settings import PluginsFile
 
     assert tuple(PluginsFile.model_fields) == arbor_plugins.KINDS
+
+
+# -------------------------------------------------------------- the guard
+BROKEN_PLUGIN = """
+import torch
+import arbor_plugins
+
+
+class State(arbor_plugins.TriggerState):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def decide(self, step, tokens, model):
+        if self.mode == "none":
+            return None
+        return arbor_plugins.Decision(grow=False, reason="never")
+
+    def state_dict(self):
+        return {"history": torch.zeros(2)} if self.mode == "tensor" else {}
+
+
+class Broken(arbor_plugins.Trigger):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def start(self, model, settings):
+        if self.mode == "raise":
+            raise KeyError("no such statistic")
+        return State(self.mode)
+
+
+@arbor_plugins.hookimpl
+def arbor_register(registry):
+    for mode in ("none", "tensor", "raise"):
+        registry.register("trigger", "broken-" + mode, Broken(mode))
+
+
+@arbor_plugins.hookimpl
+def arbor_grow_depth(model, event):
+    raise RuntimeError("cannot follow depth growth")
+
+
+@arbor_plugins.hookimpl
+def arbor_pre_forward_stats(model, layer_idx, hidden_states, step):
+    raise ValueError("bad statistic")
+
+
+@arbor_plugins.hookimpl
+def arbor_rope_config(config, rope_parameters):
+    if config.max_position_embeddings == 777:
+        return {"rope_type": "default", "rope_theta": -5.0}
+    return None
+"""
+
+
+def _tiny(**kw):
+    from arbor import ArborConfig, ArborForCausalLM
+
+    return ArborForCausalLM(ArborConfig.from_preset("tiny", vocab_size=48, **kw))
+
+
+def _trainer(tmp_path, trigger):
+    import torch
+
+    from arbor.train import TrainConfig, Trainer
+
+    data = torch.randint(0, 48, (16, 16))
+    config = TrainConfig.model_validate({"max_steps": 4, "batch_size": 2, "seq_len": 16, "save_interval": 2,
+                                         "growth": {"trigger": trigger}})
+    return Trainer(_tiny(), config, data[:12], data[12:], tmp_path, progress=False, echo=lambda s: None)
+
+
+@pytest.mark.parametrize(("trigger", "message"), [
+    ("broken-none", r"plugin 'brokenplug' 0\.3 .*trigger 'broken-none' state\.decide\(\) returned a NoneType, "
+                    r"not a Decision"),
+    ("broken-tensor", r"plugin 'brokenplug' 0\.3 .*state\.state_dict\(\) returned a dict that is not JSON"),
+    ("broken-raise", r"plugin 'brokenplug' 0\.3 .*failed in trigger 'broken-raise'\.start\(\): KeyError"),
+])
+def test_a_failing_component_is_named_with_its_distribution(site, tmp_path, trigger, message):
+    from arbor.plugins import PluginError
+
+    site("brokenplug", BROKEN_PLUGIN, version="0.3")
+    with pytest.raises(PluginError, match=message):
+        _trainer(tmp_path, trigger).fit()
+
+
+def test_failing_hooks_are_named_with_their_distribution(site):
+    import torch
+
+    from arbor.plugins import PluginError
+
+    site("brokenplug", BROKEN_PLUGIN, version="0.3")
+    model = _tiny()
+    with pytest.raises(PluginError, match=r"plugin 'brokenplug' 0\.3 .*failed in hook arbor_grow_depth: "
+                                          r"RuntimeError: cannot follow depth growth"):
+        model.grow_depth(1)
+    model.train()
+    model.stats_interval = 1
+    with pytest.raises(PluginError, match=r"'brokenplug'.*hook arbor_pre_forward_stats: ValueError"):
+        model(torch.randint(0, 48, (1, 4)))
+    with pytest.raises(PluginError, match=r"arbor_rope_config hook \(plugin 'brokenplug'.*invalid RoPE"):
+        _tiny(max_position_embeddings=777)
+
+
+def test_the_cli_names_a_failing_plugin_in_one_line(site, tmp_path, capsys):
+    from arbor.cli import main
+
+    site("brokenplug", BROKEN_PLUGIN, version="0.3")
+    plugins = tmp_path / "plugins.toml"
+    plugins.write_text('[trigger]\nname = "broken-none"\n')
+    argv = ["train", "--out", str(tmp_path / "run"), "--plugins", str(plugins), "--max-steps", "3",
+            "--no-progress", "--set", "seq_len=32", "--set", "vocab_size=300", "--set", "sample_tokens=0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'brokenplug' 0.3" in err[0] and "not a Decision" in err[0], err
