@@ -60,6 +60,7 @@ __all__ = [
     "merge_with_config_defaults",
     "model_output",
     "output_cache",
+    "static_cache_init_shape",
 ]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
@@ -145,6 +146,11 @@ def causal_lm_output(*, cache: Cache | None, **fields: Any) -> CausalLMOutputWit
 def output_cache(output: Any) -> Cache | None:
     """The KV cache a model output carries, whatever the installed version calls it."""
     return getattr(output, CACHE_OUTPUT_FIELD, None)
+
+
+def static_cache_init_shape(model_cls: type, model: Any) -> Any:
+    """``GenerationMixin._get_static_cache_init_shape`` (private) of the class after ``model_cls`` in the MRO."""
+    return super(model_cls, model)._get_static_cache_init_shape()
 
 
 def check_and_adjust_attn_implementation(model_cls: type, model: Any, attn_implementation: Any, is_init_check: bool, **kwargs: Any) -> Any:

@@ -76,8 +76,17 @@ class ArborRotaryEmbedding(LlamaRotaryEmbedding):
         changed = call_hook("arbor_rope_config", config=config, rope_parameters=copy.deepcopy(config.rope_parameters))
         if changed is not None:
             config = copy.copy(config)
-            config.rope_parameters = dict(changed)
-            config.standardize_rope_params()
+            config.rope_parameters = dict(changed) if isinstance(changed, dict) else changed
+            try:  # what a plugin returns is checked like the user's own settings
+                config.standardize_rope_params()
+                config._check_rope()
+            except Exception as exc:
+                from arbor.plugins import PluginError, hook_implementers
+
+                raise PluginError(
+                    f"an arbor_rope_config hook ({', '.join(hook_implementers('arbor_rope_config'))}) returned "
+                    f"invalid RoPE parameters {changed!r}: {exc}"
+                ) from exc
         super().__init__(config)
 
 
@@ -290,12 +299,13 @@ class ArborModel(ArborPreTrainedModel):
         self.stats_step += 1
         if step % self.stats_interval:
             return None
-        from arbor.plugins import get_plugin_manager, has_hook_impls
+        from arbor.plugins import call_hook, has_hook_impls
 
         if not has_hook_impls("arbor_pre_forward_stats"):
             return None
-        hook = get_plugin_manager().hook.arbor_pre_forward_stats
-        return lambda i, h: hook(model=self, layer_idx=i, hidden_states=h.detach(), step=step)
+        return lambda i, h: call_hook(
+            "arbor_pre_forward_stats", model=self, layer_idx=i, hidden_states=h.detach(), step=step
+        )
 
     @accepts_cache_kwarg
     @merge_with_config_defaults
@@ -396,6 +406,19 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _get_static_cache_init_shape(self):
+        # generate() allocates a static cache before the first forward (chunked prefill) with the
+        # kv-head count transformers reads from the config, one for all layers; a grown model's
+        # layers differ, and a layer given the wrong count fails on its first write.
+        shape = compat.static_cache_init_shape(ArborForCausalLM, self)
+        per_layer = self.config.layer_num_key_value_heads
+        if shape is None or len(set(per_layer)) == 1:
+            return shape
+        num_heads, head_dim = shape
+        # A count other than the config's is a tensor-parallel share, not known per layer here:
+        # None leaves each layer to allocate from the first keys it writes.
+        return (list(per_layer), head_dim) if num_heads == self.config.num_key_value_heads else None
 
     # Statistics collection lives on the decoder; these make it reachable from the LM.
     @property

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import arbor_plugins
-from arbor import ArborConfig, ArborConfigError, ArborForCausalLM, count_parameters
+from arbor import ArborConfig, ArborConfigError, ArborForCausalLM, compat, count_parameters
 from arbor.plugins import get_plugin_manager
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -37,10 +37,10 @@ def test_cached_decoding_equals_full_forward(attn):
         full = model(ids).logits
         out = model(ids[:, :6], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = compat.output_cache(out)
         for t in range(6, 14):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = compat.output_cache(out)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
