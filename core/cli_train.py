@@ -117,43 +117,7 @@ def build_config(args: argparse.Namespace):
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"config: {describe_validation_error(exc)}") from None
-    check_model_settings(config.model, config.vocab_size)  # now, not after minutes of data preparation
     return config
-
-
-#: Model settings a run takes from its tokenizer (`build_model`), so a value in the model table
-#: would be replaced without a word.
-_FROM_THE_TOKENIZER: dict[str, str] = {
-    "vocab_size": "the vocabulary size is the tokenizer's; set the top-level vocab_size (the size of the BPE "
-                  "a run trains) instead",
-    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), "the special-token ids are the tokenizer's"),
-}
-#: Keys of the model table that are not ArborConfig fields.
-_MODEL_TABLE_KEYS = ("preset", "attn_implementation")
-
-
-def check_model_settings(model: dict[str, Any], vocab_size: int) -> None:
-    """Build the `ArborConfig` the ``model`` table describes, or raise one line naming ``model.KEY``."""
-    import dataclasses
-
-    from arbor.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
-
-    spec = dict(model)
-    spec.pop("attn_implementation", None)
-    for key, reason in _FROM_THE_TOKENIZER.items():
-        if key in spec:
-            raise ValueError(f"config: model.{key}={spec[key]!r} is invalid: {reason}")
-    try:
-        ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": vocab_size})
-    except ArborConfigKeyError as exc:
-        fields = {f.name for f in dataclasses.fields(ArborConfig)}
-        hint = closest_field(exc.field, (fields | set(_MODEL_TABLE_KEYS)) - set(_FROM_THE_TOKENIZER))
-        allowed = f"did you mean model.{hint}?" if hint else "the table takes preset, attn_implementation and " \
-            "ArborConfig's fields (help(arbor.ArborConfig))"
-        raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: not a model setting; {allowed}") \
-            from None
-    except ArborConfigError as exc:
-        raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: {exc.allowed}") from None
 
 
 def prepare(config, echo=print):
@@ -229,6 +193,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--check", action="store_true",
+                   help="only check the settings (all problems at once) and print the resolved run")
 
 
 @command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
@@ -237,6 +203,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     from arbor.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
     from arbor.plot import plot_run
+    from arbor.preflight import check_run
     from arbor.plugins_toml import load_plugins_toml
     from arbor.train import TrainConfig, Trainer, truncate_metrics
 
@@ -253,13 +220,11 @@ def train_command(args: argparse.Namespace) -> int:
                          "start without --resume")
     if not args.resume and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume_from is None and ((out / "train_config.json").is_file() or (out / "metrics.jsonl").is_file()):
-        # Killed before its first checkpoint: nothing was saved, so the run starts again from step 0
-        # (with its saved settings under --resume) and the records it had logged are replaced.
-        if args.resume:
-            args.config, args.recipe, args.set = str(out / "train_config.json"), "default", []
-        print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
-        truncate_metrics(out, -1)
+    # Killed before its first checkpoint: nothing was saved, so the run starts again from step 0
+    # (with its saved settings under --resume) and the records it had logged are replaced.
+    restart = resume_from is None and ((out / "train_config.json").is_file() or (out / "metrics.jsonl").is_file())
+    if restart and args.resume:
+        args.config, args.recipe, args.set = str(out / "train_config.json"), "default", []
     if resume_from is not None:
         saved, _ = load_trainer_state(resume_from)
         config = TrainConfig.model_validate(saved["config"])
@@ -267,6 +232,14 @@ def train_command(args: argparse.Namespace) -> int:
             config = config.model_copy(update={"max_steps": args.max_steps})
     else:
         config = build_config(args)
+    resolved = check_run(config, selection)  # every problem now, before data, tokenizer or model
+    if args.check:
+        print(json.dumps({"settings": config.model_dump(mode="json"), "resolved": resolved}, indent=1))
+        print("ok: the run's settings are valid")
+        return 0
+    if restart:
+        print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+        truncate_metrics(out, -1)
     torch.manual_seed(config.seed)
     tokenizer, train_blocks, val_blocks = prepare(config)
     quiet = dict(progress=not args.no_progress, plugins=selection)

@@ -133,6 +133,21 @@ def _param_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
 
 
+def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dict[str, Any]]:
+    """The trigger a run uses and its settings, defaults filled in (None: plugins.toml's)."""
+    g = config.growth
+    name, settings = g.trigger, dict(g.trigger_settings)
+    if name is None and not (selection is not None and selection.name("trigger")):
+        # The default: two scheduled steps, deeper then wider, unless the config names the step.
+        name = "schedule"
+        if g.step is None:
+            settings.setdefault("growth", [{"axis": "depth", "num_layers": 2}, {"axis": "ffn", "factor": 2.0}])
+    if name == "schedule" and "steps" not in settings and "tokens" not in settings:
+        third = max(1, config.max_steps // 3)  # a schedule without marks: a third and two thirds in
+        settings["steps"] = sorted({third, 2 * third})
+    return name, settings
+
+
 def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
     """Batch number ``index`` of an endless, epoch-wise shuffled pass over ``blocks``.
 
@@ -185,16 +200,7 @@ class Trainer:
 
     def _setup_growth(self) -> None:
         g = self.config.growth
-        name, trigger_settings = g.trigger, dict(g.trigger_settings)
-        if name is None and not self.selection.name("trigger"):
-            # The default: two scheduled steps, deeper then wider, unless the config names the step.
-            name = "schedule"
-            if g.step is None:
-                trigger_settings.setdefault("growth", [{"axis": "depth", "num_layers": 2},
-                                                       {"axis": "ffn", "factor": 2.0}])
-        if name == "schedule" and "steps" not in trigger_settings and "tokens" not in trigger_settings:
-            third = max(1, self.config.max_steps // 3)  # a schedule without marks: a third and two thirds in
-            trigger_settings["steps"] = sorted({third, 2 * third})
+        name, trigger_settings = trigger_choice(self.config, self.selection)
         trigger, settings = self._component("trigger", name, trigger_settings)
         self.trigger_name = name or self.selection.name("trigger")
         self.trigger = trigger.start(self.model, settings)
