@@ -26,22 +26,45 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not have the shapes its config describes."""
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be parsed (damaged, truncated, not what its name says); names the file."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def checkpoint_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     """Tensor name → shape for the safetensors weights in ``directory`` (None if there are none)."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise CheckpointReadError(f"{index}: cannot be read: {_first_line(exc)}") from None
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         return None
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(directory / file, framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        try:
+            with safe_open(directory / file, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as exc:  # noqa: BLE001 - the Rust reader raises its own error type; name the file
+            raise CheckpointReadError(f"{directory / file}: cannot be read: {_first_line(exc)}") from None
     return shapes
+
+
+def read_config(directory: str | os.PathLike, config_class):
+    """``config_class.from_pretrained(directory)``, with an unreadable ``config.json`` named in one line."""
+    try:
+        return config_class.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointReadError(f"{Path(directory) / 'config.json'}: cannot be read: {_first_line(exc)}") from None
 
 
 def check_checkpoint_shapes(directory: str | os.PathLike, model_class, config) -> None:

@@ -22,6 +22,7 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from arbor import checkpoint as checkpoint_checks
 from arbor import compat
+from arbor.attention import check_attention_device
 from arbor.compat import (
     ACT2FN,
     ALL_ATTENTION_FUNCTIONS,
@@ -231,7 +232,7 @@ class ArborPreTrainedModel(PreTrainedModel):
         if is_local_dir and not kwargs.get("ignore_mismatched_sizes"):
             config = kwargs.get("config")
             if not isinstance(config, ArborConfig):
-                config = ArborConfig.from_pretrained(path)
+                config = checkpoint_checks.read_config(path, ArborConfig)
             checkpoint_checks.check_checkpoint_shapes(path, cls, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -324,6 +325,7 @@ class ArborModel(ArborPreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        check_attention_device(self.config._attn_implementation, inputs_embeds.device)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:

@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.checkpoint import CHECKSUMS, CheckpointIntegrityError, verify_checksums
@@ -182,3 +184,34 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0]
     assert target.read_text() == "not a run"
+
+
+# ----------------------------------------------------- random damage, any file
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    save(root, 1, tiny_model())
+    return root / "checkpoints" / "step-00000001"
+
+
+FILES = ["config.json", "generation_config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"]
+
+
+@given(name=st.sampled_from(FILES), data=st.binary(max_size=512), keep_checksums=st.booleans())
+def test_random_bytes_in_any_checkpoint_file_fail_cleanly_naming_the_file(pristine, tmp_path_factory, name, data,
+                                                                          keep_checksums):
+    from arbor.train import Trainer
+
+    run = tmp_path_factory.mktemp("damaged")
+    checkpoint = run / "checkpoints" / pristine.name
+    shutil.copytree(pristine, checkpoint)
+    (checkpoint / name).write_bytes(data)
+    if not keep_checksums:
+        (checkpoint / CHECKSUMS).unlink()
+    blocks = torch.randint(0, 48, (4, 16))
+    try:
+        Trainer.resume(checkpoint, blocks, blocks, run, progress=False, echo=lambda s: None)
+    except ValueError as exc:  # CheckpointError, CheckpointIntegrityError, CheckpointReadError
+        assert name in str(exc).splitlines()[0], str(exc)
+    else:  # only a file no load depends on for correctness may be damaged and still load
+        assert name == "generation_config.json" and not keep_checksums
