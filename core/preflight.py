@@ -60,7 +60,8 @@ def check_run(config: Any, selection: Any = None) -> dict[str, Any]:
         if config.seq_len > model_config.max_position_embeddings:
             problems.append(f"seq_len={config.seq_len}: must be <= the model's max_position_embeddings="
                             f"{model_config.max_position_embeddings}")
-        problems += _check_growth(config, selection, resolved)
+        problems += _check_growth(config, selection, resolved, model_config)
+        problems += _check_substrate(model_config)
     problems += _check_data(config.data, config.tokenizer)
     problems += _check_device(config.device)
     if not 0 <= config.seed <= _MAX_SEED:
@@ -101,14 +102,24 @@ def check_model_settings(model: dict[str, Any], vocab_size: int) -> ArborConfig:
         raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: {exc.allowed}") from None
 
 
-def _check_growth(config: Any, selection: Any, resolved: dict[str, Any]) -> list[str]:
+def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_config: ArborConfig) -> list[str]:
     g, problems = config.growth, []
     trigger, trigger_settings = trigger_choice(config, selection)
     if g.step is not None:
         try:
-            parse_growth_spec(g.step)
+            spec = parse_growth_spec(g.step)
         except GrowthError as exc:
             problems.append(f"growth.step={g.step!r}: {str(exc).removeprefix('growth: ')}")
+        else:
+            # Positions and layers are checked against the starting model; a later step's model is deeper.
+            n = model_config.num_hidden_layers
+            bad = [p for p in spec.positions or [] if not 0 <= p <= n]
+            if bad:
+                problems.append(f"growth.step.positions={spec.positions}: {bad} outside [0, {n}] "
+                                f"(the model starts with {n} layers)")
+            bad = [i for i in spec.layers or [] if not 0 <= i < n]
+            if bad:
+                problems.append(f"growth.step.layers={spec.layers}: {bad} outside [0, {n - 1}]")
     registry = get_registry()
     roles = [("trigger", trigger, trigger_settings, "growth.trigger"),
              ("init_scheme", g.init, None, "growth.init"),
@@ -132,6 +143,19 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any]) -> list
             settings_path = path.replace("trigger", "trigger_settings").replace("freeze_policy", "freeze_settings")
             problems.append(describe_validation_error(exc, prefix=settings_path))
     return problems
+
+
+def _check_substrate(model_config: ArborConfig) -> list[str]:
+    registry = get_registry()
+    name = model_config.substrate
+    if not registry.has("substrate", name):
+        return [f"model.substrate={name!r}: not a registered substrate; valid names: "
+                f"{', '.join(registry.names('substrate'))}"]
+    try:
+        registry.get("substrate", name).validate_settings(model_config.substrate_settings)
+    except ValidationError as exc:
+        return [describe_validation_error(exc, prefix="model.substrate_settings")]
+    return []
 
 
 def _check_data(data: str, tokenizer: str) -> list[str]:

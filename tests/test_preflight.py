@@ -70,3 +70,15 @@ def test_check_prints_the_resolved_run_and_writes_nothing(tmp_path, capsys):
     assert report["resolved"]["init_scheme"] == "split" and report["settings"]["growth"]["init"] == "split"
     assert text.strip().endswith("ok: the run's settings are valid")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ({"growth": {"step": {"axis": "depth", "num_layers": 1, "positions": [99]}}}, "growth.step.positions=[99]"),
+    ({"growth": {"step": {"axis": "ffn", "factor": 2.0, "layers": [5]}}}, "growth.step.layers=[5]"),
+    ({"model": {"preset": "tiny", "substrate": "binary", "substrate_settings": {"scale": -1}}},
+     "model.substrate_settings.scale"),
+    ({"model": {"preset": "tiny", "substrate": "nope"}}, "model.substrate='nope'"),
+])
+def test_growth_positions_and_substrate_settings_are_checked(settings, fragment):
+    found = problems(**settings)
+    assert len(found) == 1 and fragment in found[0], found
