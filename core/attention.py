@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from typing import ClassVar
 
+import torch
+
 import arbor_plugins
 from arbor_plugins import AttentionBackend
 
@@ -26,11 +28,41 @@ class SdpaAttention(AttentionBackend):
 
 
 class FlexAttention(AttentionBackend):
-    description = "torch flex_attention (compiled block-sparse kernels)"
+    description = "torch flex_attention (compiled block-sparse kernels); CUDA only, refused on CPU"
     implementation: ClassVar[str] = "flex_attention"
 
     def is_available(self) -> tuple[bool, str]:
-        return _flex_available()
+        ok, reason = _flex_available()
+        if ok and not torch.cuda.is_available():
+            return False, flex_cpu_refusal()
+        return ok, reason
+
+
+def flex_cpu_refusal() -> str:
+    """Why flex attention does not run on CPU tensors, and what to use instead.
+
+    PyTorch compiles flex attention on CPU into an inductor C++ template that
+    is wrong for some shapes (batch 2, 4 heads, 8 tokens of head_dim 8 differ
+    from sdpa by 0.6 with no mask at all), wrong again once transformers'
+    process-wide compiled kernel has recompiled for a model of another shape,
+    and fails to compile for left-padded cached decoding. A wrong answer is
+    worse than a refusal, so arbor refuses until the CPU kernels are right.
+    """
+    return (
+        f"flex attention is refused on CPU: torch {torch.__version__}'s CPU flex kernels give wrong logits "
+        "for some shapes and on repeated calls with models of other shapes, and fail to compile for "
+        "left-padded generation; use sdpa (or eager), or flex on CUDA"
+    )
+
+
+def check_attention_device(implementation: str | None, device: torch.device) -> None:
+    """Raise ``RuntimeError`` when the attention running as ``implementation`` refuses tensors on ``device``.
+
+    ``is_available()`` answers for the machine; this answers for the tensors,
+    which matters on a CUDA machine whose model runs (or was left) on the CPU.
+    """
+    if implementation == FlexAttention.implementation and device.type == "cpu":
+        raise RuntimeError(flex_cpu_refusal())
 
 
 class FlashAttention2(AttentionBackend):

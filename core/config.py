@@ -275,6 +275,10 @@ class ArborConfig(PreTrainedConfig):
         elif isinstance(self.rope_parameters, dict):
             # Never share the caller's dict: standardisation below writes into it.
             self.rope_parameters = copy.deepcopy(self.rope_parameters)
+        elif self.rope_parameters is not None:  # transformers would fail on it with an AttributeError
+            raise ArborConfigError(
+                "rope_parameters", self.rope_parameters, "must be a table (dict) with rope_type and rope_theta"
+            )
         if isinstance(kwargs.get("rope_scaling"), dict):
             kwargs["rope_scaling"] = copy.deepcopy(kwargs["rope_scaling"])
         # transformers takes the keys it knows (legacy RoPE keys, torch_dtype, attn_implementation,

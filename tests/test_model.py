@@ -157,18 +157,6 @@ def test_bf16_autocast_on_cpu_trains():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_flex_attention_matches_sdpa():
-    sdpa = build("sdpa")
-    try:
-        flex = build("flex_attention")
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        pytest.skip(f"flex_attention unavailable here: {exc}")
-    flex.load_state_dict(sdpa.state_dict())
-    ids = torch.randint(0, 96, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(flex(ids).logits, sdpa(ids).logits, atol=1e-4, rtol=1e-4)
-
-
 def test_loss_goes_down_when_training():
     model = build().train()
     ids = torch.randint(0, 96, (4, 16))
@@ -286,8 +274,11 @@ def test_rope_config_hook_changes_the_tables(register):
         assert not torch.allclose(stretched(ids).logits, plain(ids).logits)
 
 
-def test_attention_backends_are_chosen_by_registered_name():
+def test_attention_backends_are_chosen_by_registered_name(monkeypatch):
+    # flex is refused without CUDA (test_attention_backends checks the refusal); the name maps all the same.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model = ArborForCausalLM._from_config(ArborConfig(**TINY), attn_implementation="flex")
+    monkeypatch.undo()
     assert model.config._attn_implementation == "flex_attention"
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"

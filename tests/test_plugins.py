@@ -97,10 +97,14 @@ def test_builtins_load_without_warnings():
     assert next(reg.entries("attention_backend")).plugin == "arbor-lm (attention)"
 
 
-def test_resolve_attn_implementation():
+def test_resolve_attn_implementation(monkeypatch):
+    import torch
+
     assert attention.resolve_attn_implementation(None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # flex is refused on CPU-only machines
     assert attention.resolve_attn_implementation("flex") == "flex_attention"
     assert attention.resolve_attn_implementation("flex_attention") == "flex_attention"
+    monkeypatch.undo()
     assert attention.resolve_attn_implementation("eager") == "eager"
     assert attention.resolve_attn_implementation("sdpa") == "sdpa"
     with pytest.raises(ValueError, match=r"attn_implementation='flsh'.*valid names:.*flash-attn.*sdpa"):

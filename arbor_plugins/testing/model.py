@@ -117,8 +117,39 @@ def check_substrate(substrate: Any, settings: dict[str, Any] | None = None, expo
 
 
 # -------------------------------------------------------- attention backends
+def _padded_inputs(vocab: int, batch: int, length: int, pad: int, seed: int):
+    """``batch`` rows of ``length`` tokens, the last row left-padded by ``pad``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[-1, :pad] = 0
+    return ids, mask
+
+
+def _device_logits(model, ids, mask):
+    """`_logits` on the model's device, returned on the CPU."""
+    device = model.device
+    return _logits(model, ids.to(device), mask.to(device)).cpu()
+
+
+def _generated_scores(model, ids, mask):
+    """Greedy, cached, left-padded generation: the tokens and each step's logits, on the CPU."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=4,
+                             do_sample=False, use_cache=True, pad_token_id=0, output_scores=True,
+                             return_dict_in_generate=True)
+    return out.sequences.cpu(), torch.stack(out.scores).cpu()
+
+
 def check_attention_backend(backend: Any, settings: dict[str, Any] | None = None) -> Report:
-    """``is_available()`` answers (bool, reason); when available, logits match the eager kernel."""
+    """``is_available()`` answers (bool, reason); when available, the kernel matches eager attention
+    (on CUDA where there is one) on left-padded inputs, on the same input again after inputs of
+    another length and after a model of another head_dim, and in left-padded cached generation."""
     import torch
 
     name, backend, registered = _resolve("attention_backend", backend)
@@ -134,17 +165,52 @@ def check_attention_backend(backend: Any, settings: dict[str, Any] | None = None
         return check.report
     impl = name if registered else getattr(backend, "implementation", None)
     check(isinstance(impl, str) and impl, f"implementation={impl!r} must name a transformers attention key")
-    ref, model = tiny_model("gqa-tied"), tiny_model("gqa-tied")
-    ref.set_attn_implementation("eager")
-    ids, _ = _inputs(ref.config.vocab_size)
-    full = torch.ones_like(ids)  # unpadded: some kernels (flex on CPU) take no padding mask
-    with check.calling(f"a model with attn_implementation={impl!r}"):
-        model.set_attn_implementation(impl)
-        logits = _logits(model, ids, full)
-    diff, bound = _diff(_logits(ref, ids, full), logits)
+
+    # Where CUDA is, the kernels run there: some backends (flex) refuse CPU tensors.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {}
+    for config in ("gqa-tied", "mha-untied"):
+        ref, model = tiny_model(config).to(device), tiny_model(config).to(device)
+        ref.set_attn_implementation("eager")
+        with check.calling(f"set_attn_implementation({impl!r})"):
+            model.set_attn_implementation(impl)
+        models[config] = ref, model
+    vocab = {config: ref.config.vocab_size for config, (ref, _) in models.items()}
+    # The first input comes back after an input of another length and after a model of another
+    # head_dim: a kernel compiled for one shape and reused for the next, or one that keeps state
+    # between calls, passes a single call and fails a repeat.
+    first = ("gqa-tied", *_padded_inputs(vocab["gqa-tied"], 2, 8, 2, seed=1))
+    calls = [
+        ("the first input", first),
+        ("the first input again", first),
+        ("a second input of another length", ("gqa-tied", *_padded_inputs(vocab["gqa-tied"], 3, 5, 1, seed=2))),
+        ("the first input after the second", first),
+        ("a model of another shape", ("mha-untied", *_padded_inputs(vocab["mha-untied"], 2, 8, 3, seed=3))),
+        ("the first input after the other model", first),
+    ]
     # Kernels sum in different orders: allow fp32 rounding, not the exactness bound.
-    check(diff <= 100 * bound, f"logits differ from eager attention by {diff:.3g} (> {100 * bound:.3g})")
-    check.passed(f"runs, logits within {diff:.3g} of eager")
+    worst = 0.0
+    for i, (what, (config, ids, mask)) in enumerate(calls, 1):
+        ref, model = models[config]
+        where = f"call {i} ({what}, shape {tuple(ids.shape)}, left-padded)"
+        with check.calling(where):
+            logits = _device_logits(model, ids, mask)
+        diff, bound = _diff(_device_logits(ref, ids, mask), logits)
+        check(diff <= 100 * bound, f"{where}: logits differ from eager attention by {diff:.3g} (> {100 * bound:.3g})")
+        worst = max(worst, diff)
+    check.passed(f"{len(calls)} calls of 3 shapes, left-padded, repeated: logits within {worst:.3g} of eager")
+
+    ref, model = models["gqa-tied"]
+    ids, mask = first[1:]
+    with check.calling("left-padded generate(use_cache=True)"):
+        tokens, scores = _generated_scores(model, ids, mask)
+    want_tokens, want_scores = _generated_scores(ref, ids, mask)
+    what = "left-padded cached greedy generation"
+    check(scores.shape == want_scores.shape, f"{what} gives {tokens.tolist()}, eager attention {want_tokens.tolist()}")
+    diff, bound = _diff(want_scores, scores)
+    check(diff <= 100 * bound, f"{what}: step logits differ from eager attention by {diff:.3g} (> {100 * bound:.3g}); "
+                               f"tokens {tokens.tolist()}, eager attention {want_tokens.tolist()}")
+    check.passed(f"left-padded cached generation: step logits within {diff:.3g} of eager")
     return check.report
 
 
