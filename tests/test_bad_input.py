@@ -170,3 +170,113 @@ def test_a_run_whose_loss_becomes_infinite_stops_with_its_checkpoint_intact(tmp_
 
     for checkpoint in list_checkpoints(run):  # whatever was saved is intact and finite
         assert verify_checksums(checkpoint)
+
+
+# ------------------------------------------------ plugins failing during training
+FAULTY_PLUGIN = """
+import torch
+import arbor_plugins
+
+
+class State(arbor_plugins.TriggerState):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def decide(self, step, tokens, model):
+        if self.mode == "none":
+            return None
+        if self.mode == "dict":
+            return {"grow": True}
+        return arbor_plugins.Decision(grow=step == 1, reason="test", growth={"axis": "depth", "num_layers": 1})
+
+    def state_dict(self):
+        return {"history": torch.zeros(2)} if self.mode == "tensor" else {}
+
+
+class Faulty(arbor_plugins.Trigger):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def start(self, model, settings):
+        return State(self.mode)
+
+
+class Liar(arbor_plugins.InitScheme):
+    exact = True  # but it changes the function
+
+    def initialize(self, model, event, settings):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.5)
+
+
+@arbor_plugins.hookimpl
+def arbor_register(registry):
+    for mode in ("none", "dict", "tensor", "grow"):
+        registry.register("trigger", "faulty-" + mode, Faulty(mode))
+    registry.register("init_scheme", "liar", Liar())
+
+
+# The hooks fail only for models marked by an unusual position count, so each case picks its fault.
+@arbor_plugins.hookimpl
+def arbor_grow_depth(model, event):
+    if model.config.max_position_embeddings == 384:
+        raise RuntimeError("cannot follow depth growth")
+
+
+@arbor_plugins.hookimpl
+def arbor_pre_forward_stats(model, layer_idx, hidden_states, step):
+    if model.config.max_position_embeddings == 256:
+        raise ValueError("bad statistic")
+"""
+
+
+@pytest.fixture
+def faulty_plugin(tmp_path, monkeypatch, fresh_plugins):
+    import importlib
+    import sys
+
+    from test_plugins import make_dist
+
+    from arbor.plugins import reset_plugins
+
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    module = make_dist(root, "faultyplug", FAULTY_PLUGIN, version="0.3")
+    importlib.invalidate_caches()
+    reset_plugins()
+    yield
+    sys.modules.pop(module, None)
+
+
+PLUGIN_CASES = [
+    ("decide-returns-none", ["--set", "growth.trigger=faulty-none"], "not a Decision"),
+    ("decide-returns-dict", ["--set", "growth.trigger=faulty-dict"], "returned a dict, not a Decision"),
+    ("state-holds-a-tensor", ["--set", "growth.trigger=faulty-tensor"], "not JSON"),
+    ("growth-hook-raises", ["--set", "growth.trigger=faulty-grow", "--set", "model.max_position_embeddings=384"],
+     "hook arbor_grow_depth: RuntimeError"),
+    ("stats-hook-raises", ["--set", "growth.trigger=utilization", "--set",
+                           'growth.trigger_settings={"stats_interval": 1}', "--set",
+                           "model.max_position_embeddings=256"], "hook arbor_pre_forward_stats: ValueError"),
+    ("init-breaks-its-exactness-claim", ["--set", "growth.trigger=faulty-grow", "--set", "growth.init=liar",
+                                         "--set", "growth.exactness=error"], "claims an exact growth step"),
+]
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [c[1:] for c in PLUGIN_CASES], ids=[c[0] for c in PLUGIN_CASES])
+def test_a_failing_plugin_stops_the_run_in_one_line(faulty_plugin, tmp_path, capsys, settings, fragment):
+    from arbor.checkpoint import verify_checksums
+    from arbor.checkpointing import list_checkpoints
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--out", str(run), "--max-steps", "4", "--set", "save_interval=1", *settings]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in captured.err, captured.err
+    if "claims" not in fragment:
+        assert "'faultyplug' 0.3" in errors[0]
+    for checkpoint in list_checkpoints(run):  # what was saved before the failure is intact
+        assert verify_checksums(checkpoint)
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
+        json.loads(line)
