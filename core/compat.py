@@ -1,12 +1,15 @@
 """The one place arbor touches transformers internals.
 
-transformers renames its internals often: 5.25 passes the KV cache to a model
+transformers renames its internals often: 5.24 passes the KV cache to a model
 as ``cache=`` instead of ``past_key_values=`` (the old name goes in 5.40), and
-names the output field ``cache`` too. Everything arbor uses from transformers
-that is not stable public API is imported or looked up here, and every
-difference between the versions arbor supports is settled here, by asking the
-installed version what it does (feature detection), not by comparing version
-strings. The next rename is then a change to this file only.
+names the output field ``cache`` too; 5.23 renames gradient checkpointing to
+activation checkpointing. Everything arbor uses from transformers that is not
+stable public API is imported or looked up here, and every difference between
+the versions arbor supports is settled here, by asking the installed version
+what it does (feature detection), not by comparing version strings. The next
+rename is then a change to this file only. The oldest release supported is the
+lower bound on transformers in pyproject.toml; CI runs the model tests on it as
+well as on the newest release.
 
 Stable public API (``PreTrainedModel``, ``GenerationMixin``, ``PreTrainedConfig``,
 the Auto classes, ``LlamaConfig``/``LlamaForCausalLM``) is imported where it is used.
@@ -77,7 +80,7 @@ def _cache_kwarg() -> str:
 
 #: The keyword under which the installed transformers hands a model its KV cache
 #: (``generate``, mask functions, ``GradientCheckpointingLayer``): ``"cache"`` from
-#: 5.25 on, ``"past_key_values"`` before.
+#: 5.24 on, ``"past_key_values"`` before.
 CACHE_KWARG: str = _cache_kwarg()
 
 #: The field of model outputs that holds the cache in the installed transformers.
@@ -85,7 +88,7 @@ CACHE_OUTPUT_FIELD: str = "cache" if "cache" in BaseModelOutputWithPast.__datacl
 
 
 def _rename_past_key_values(func: Callable) -> Callable:
-    """Accept ``past_key_values=`` as ``cache=`` silently: before 5.25 it is the name
+    """Accept ``past_key_values=`` as ``cache=`` silently: before 5.24 it is the name
     transformers itself passes, so it is not deprecated there."""
 
     @functools.wraps(func)
@@ -162,7 +165,7 @@ def check_and_adjust_attn_implementation(model_cls: type, model: Any, attn_imple
 # ------------------------------------------------------- gradient checkpointing
 def enable_gradient_checkpointing(model: Any, **kwargs: Any) -> None:
     """Switch gradient checkpointing on: ``activation_checkpointing_enable`` where the
-    installed version has it (5.25 renamed it), ``gradient_checkpointing_enable`` before."""
+    installed version has it (5.23 renamed it), ``gradient_checkpointing_enable`` before."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable(**kwargs)
 

@@ -35,8 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 import arbor_plugins
+from arbor.config import ArborConfigError
+from arbor.growth import GrowthError
 from arbor_plugins import ComponentConflictError, Registry, hookspecs
 
 __all__ = [
@@ -429,6 +432,11 @@ def _result_checks() -> dict[str, Callable[[Any], str | None]]:
     }
 
 
+#: Errors a component raises about the user's settings (a config field, a growth request): they pass
+#: through the guard unchanged, since they name what the user must fix.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ArborConfigError, GrowthError, ValidationError)
+
+
 # Calls whose errors are the user's (bad settings), not the plugin's: they pass through unwrapped.
 _UNGUARDED = {"validate_settings"}
 
@@ -455,7 +463,7 @@ class Guarded:
             where = f"{self._what}.{name}()"
             try:
                 result = value(*args, **kwargs)
-            except PluginError:
+            except (PluginError, *_USER_ERRORS):
                 raise
             except Exception as exc:
                 raise PluginError(f"{describe_plugin(self._owner)} failed in {where}: "

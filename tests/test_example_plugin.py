@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from arbor import ArborConfig, ArborForCausalLM
+from arbor.plugins import unwrap
 from arbor.plugins import reset_plugins
 from arbor.plugins_toml import load_plugins_toml
 from arbor_plugins.testing import check_plugin
@@ -111,7 +112,7 @@ def test_a_training_loop_grows_when_plugins_toml_selects_it(installed, tmp_path)
     """))
     selection = load_plugins_toml(path)
     trigger = selection.component("trigger")
-    assert type(trigger).__module__ == "arbor_strategy_example.loss_slope"
+    assert type(unwrap(trigger)).__module__ == "arbor_strategy_example.loss_slope"  # the guard wraps it
 
     torch.manual_seed(0)
     model = ArborForCausalLM(ArborConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
