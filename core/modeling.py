@@ -422,6 +422,17 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
         # None leaves each layer to allocate from the first keys it writes.
         return (list(per_layer), head_dim) if num_heads == self.config.num_key_value_heads else None
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """As `GenerationMixin.generate`; an empty prompt is refused in one line instead of failing
+        deep inside attention (give no ``inputs`` at all to start from ``bos_token_id``)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.shape[-1] == 0 and kwargs.get("inputs_embeds") is None:
+            raise ValueError(
+                "generate: the prompt is empty (input_ids has 0 tokens); give at least one token, "
+                "or no input_ids at all to start from bos_token_id"
+            )
+        return super().generate(inputs, *args, **kwargs)
+
     # Statistics collection lives on the decoder; these make it reachable from the LM.
     @property
     def stats_interval(self) -> int:

@@ -76,3 +76,11 @@ def test_generate_on_an_empty_prompt_is_one_line(tmp_path, bpe, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prompt is empty" in err[0]
     assert main(["generate", str(tmp_path), "words <|eos|>", "--max-new-tokens", "2"]) == 0
+
+
+def test_model_generate_refuses_an_empty_prompt():
+    model = ArborForCausalLM(ArborConfig.from_preset("tiny", vocab_size=48)).eval()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate(torch.empty(1, 0, dtype=torch.long), max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate(input_ids=torch.empty(2, 0, dtype=torch.long), max_new_tokens=2, pad_token_id=0)
