@@ -309,4 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this module is ``__main__``, and the commands above registered themselves on
+    # the importable ``arbor.cli``; that one holds the full table.
+    from arbor.cli import main as _main
+
+    sys.exit(_main())

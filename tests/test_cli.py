@@ -173,3 +173,11 @@ def test_train_refuses_a_typo_in_the_config_files_model_table(capsys, tmp_path):
     assert_usage_error(code, out, err, "model.num_hiden_layers=4", "did you mean model.num_hidden_layers?")
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize("module", ["arbor", "arbor.cli"])
+def test_python_dash_m_knows_every_command(module):
+    proc = subprocess.run([sys.executable, "-m", module, "train", "--check", "--set", "max_steps=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: the run's settings are valid" in proc.stdout
