@@ -57,6 +57,7 @@ __all__ = [
     "can_return_tuple",
     "capture_outputs",
     "causal_lm_output",
+    "checkpointing_training_argument",
     "check_and_adjust_attn_implementation",
     "create_causal_mask",
     "eager_attention_forward",
@@ -168,6 +169,16 @@ def enable_gradient_checkpointing(model: Any, **kwargs: Any) -> None:
     installed version has it (5.23 renamed it), ``gradient_checkpointing_enable`` before."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable(**kwargs)
+
+
+def checkpointing_training_argument(enabled: bool = True) -> dict[str, bool]:
+    """The ``TrainingArguments`` keyword that switches gradient checkpointing on in the installed
+    release: ``activation_checkpointing`` where it has it (5.23 renamed it), else ``gradient_checkpointing``."""
+    from transformers import TrainingArguments  # the Trainer stack is heavy; only callers that train pay for it
+
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled}
 
 
 def copy_checkpointing(source: Any, layers: Any) -> None:

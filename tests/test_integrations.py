@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from arbor import ArborConfig, ArborForCausalLM
+from arbor import ArborConfig, ArborForCausalLM, compat
 from arbor.integrations import GrowthCallback, prepare_resume, unwrap_optimizer
 
 SEQ, VOCAB = 16, 48
@@ -129,7 +129,7 @@ def test_default_schedule_warmup_and_tokens(tmp_path):
     # No settings: grow at a third and two thirds of max_steps; the Trainer counts the tokens.
     grow = GrowthCallback(growth={"axis": "depth", "num_layers": 1}, warmup_steps=3, echo=lambda line: None)
     trainer, seen = train(tmp_path, grow, arguments(tmp_path, max_steps=9, include_num_input_tokens_seen=True,
-                                                    gradient_checkpointing=True))
+                                                    **compat.checkpointing_training_argument()))
     assert [e["step"] for e in grow.history] == [3, 6]
     assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)  # inserted ones too
     assert [e["tokens"] for e in grow.history] == [3 * 4 * SEQ, 6 * 4 * SEQ]
