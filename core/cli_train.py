@@ -122,11 +122,11 @@ def build_config(args: argparse.Namespace):
 
 def prepare(config, echo=print):
     """Corpus -> tokenizer -> packed train/validation blocks."""
-    from arbor.data import PackedDataset, load_corpus, split_documents
+    from arbor.data import PackedDataset, load_split
     from arbor.tokenizer import load_tokenizer, train_bpe
 
-    documents = load_corpus(config.data)
-    train_docs, val_docs = split_documents(documents, seed=config.seed)
+    # "stdlib" is split by file (a hash of each file's relative path); other corpora by split_documents.
+    documents, train_docs, val_docs = load_split(config.data, seed=config.seed)
     chars = sum(map(len, documents))
     echo(f"data: {config.data} ({len(documents):,} documents, {chars / 1e3:,.0f} K characters)")
     tokenizer = _substrate_tokenizer(config) if config.tokenizer == "auto" else None
@@ -188,7 +188,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set lr=1e-3 --set model.preset=tiny (repeatable)")
     p.add_argument("--plugins", metavar="PATH", help="plugins.toml choosing trigger, policies, init scheme "
                                                       "(default: ./plugins.toml when present)")
-    p.add_argument("--data", help="'builtin' (default), text files or a glob, a .jsonl file, or a saved dataset")
+    p.add_argument("--data", help="'builtin' (default), 'stdlib' (CPython's standard-library source), text "
+                                  "files or a glob, a .jsonl file, or a saved dataset")
     p.add_argument("--out", default="runs/arbor", help="run directory (default: runs/arbor)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for")

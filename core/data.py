@@ -18,8 +18,11 @@ import glob
 import hashlib
 import json
 import math
+import os
+import sysconfig
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +33,18 @@ from arbor.tokenizer import encode
 
 #: The corpus spec naming the built-in corpus.
 BUILTIN = "builtin"
+#: The corpus spec naming CPython's standard-library source (see `stdlib_corpus`).
+STDLIB = "stdlib"
+#: Corpus specs that name a built-in corpus rather than a path.
+NAMED_CORPORA = (BUILTIN, STDLIB)
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write.
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 ACCEPTED = (
     f"{BUILTIN!r}, a text file, a {'/'.join(JSONL_SUFFIXES)} file, a glob, "
-    f"a directory of {'/'.join(TEXT_SUFFIXES)} files, or a directory written by datasets' save_to_disk"
+    f"a directory of {'/'.join(TEXT_SUFFIXES)} files, a directory written by datasets' save_to_disk, "
+    f"or {STDLIB!r} (the Python standard library's source)"
 )
 
 #: Below this many documents the split holds out the tail of the text instead
@@ -63,8 +71,96 @@ def builtin_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+#: Directory names never descended into when collecting the standard library's source:
+#: third-party packages, test suites (``test``, ``tests``, ``idlelib/idle_test``) and bytecode caches.
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+#: Share of the standard library's files `split_files` holds out for validation by default.
+STDLIB_VALIDATION_FRACTION = 0.02
+
+
+def stdlib_root() -> Path:
+    """The directory of this interpreter's standard library (``sysconfig.get_paths()["stdlib"]``)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: str | Path | None = None) -> list[str]:
+    """Every ``.py`` file of the standard library, as POSIX paths relative to ``root``, sorted.
+
+    ``root`` defaults to `stdlib_root`. Directories named in
+    ``STDLIB_EXCLUDED_DIRS`` are skipped at any depth, symbolic links to
+    directories are not followed, and the order depends only on the relative
+    paths, so two machines with the same CPython list the same files in the
+    same order.
+    """
+    root = Path(root) if root is not None else stdlib_root()
+    if not root.is_dir():
+        raise DataError(f"corpus {STDLIB!r}: the standard library directory {str(root)!r} does not exist")
+    names = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
+        base = Path(folder).relative_to(root)
+        names.extend((base / f).as_posix() for f in files if f.endswith(".py"))
+    return sorted(names)
+
+
+@dataclass
+class FileCorpus:
+    """Documents read one per file, with the relative path (``names[i]``) of each document (``documents[i]``).
+
+    ``skipped`` lists the files left out because they are not UTF-8 text;
+    files that are empty or only whitespace are left out without being listed.
+    """
+
+    root: Path
+    names: list[str] = dataclass_field(default_factory=list)
+    documents: list[str] = dataclass_field(default_factory=list)
+    skipped: list[str] = dataclass_field(default_factory=list)
+
+    @property
+    def num_chars(self) -> int:
+        return sum(map(len, self.documents))
+
+    def split(self, fraction: float = STDLIB_VALIDATION_FRACTION, seed: int = 0) -> tuple[list[str], list[str]]:
+        """(train, validation) documents, split by file with `split_files`; both sides keep the sorted order."""
+        held = set(split_files(self.names, fraction, seed)[1])
+        train = [doc for name, doc in zip(self.names, self.documents) if name not in held]
+        val = [doc for name, doc in zip(self.names, self.documents) if name in held]
+        return train, val
+
+
+def read_stdlib(root: str | Path | None = None) -> FileCorpus:
+    """CPython's standard-library source, one document per `stdlib_files` file, in that order.
+
+    About 700-1,000 files and 10-15 MB of text depending on the CPython
+    version, read from the local installation (no download). The documents are
+    held in memory as one string per file (the size of the text, about 12 MB
+    for CPython 3.11); packing then stores the tokens once as int32.
+    """
+    root = Path(root) if root is not None else stdlib_root()
+    corpus = FileCorpus(root)
+    for name in stdlib_files(root):
+        try:
+            text = (root / name).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            corpus.skipped.append(name)
+            continue
+        if text.strip():
+            corpus.names.append(name)
+            corpus.documents.append(text)
+    if not corpus.documents:
+        raise DataError(f"corpus {STDLIB!r}: no Python source under {str(root)!r}")
+    return corpus
+
+
+def stdlib_corpus(root: str | Path | None = None) -> list[str]:
+    """The documents of `read_stdlib`: every standard-library ``.py`` file's text, in sorted path order."""
+    return read_stdlib(root).documents
+
+
 def load_corpus(spec: str | Path | Sequence[str | Path], *, field: str = "text") -> list[str]:
-    """Documents named by ``spec``: ``"builtin"``, a file, a glob, a directory, or a list of those.
+    """Documents named by ``spec``: ``"builtin"``, ``"stdlib"``, a file, a glob, a directory, or a list of those.
+
+    - ``"builtin"``: `builtin_corpus`; ``"stdlib"``: `stdlib_corpus`;
 
     - a ``.jsonl``/``.ndjson`` file: one JSON object per line, the document in ``field``;
     - any other file: its whole UTF-8 text is one document;
@@ -91,6 +187,8 @@ def _show(specs: list) -> str:
 def _load_spec(spec: str, field: str) -> list[str]:
     if spec == BUILTIN:
         return builtin_corpus()
+    if spec == STDLIB:
+        return stdlib_corpus()
     path = Path(spec).expanduser()
     if path.exists():
         return _load_path(path, field)
@@ -237,6 +335,57 @@ def _split_tail(documents: list[str], held_chars: int) -> tuple[list[str], list[
             return documents[:index] + ([head] if head else []), [tail, *documents[index + 1 :]]
         start += len(doc)
     return documents, []
+
+
+def split_files(names: Sequence[str], fraction: float = STDLIB_VALIDATION_FRACTION,
+                seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split file names into (train, validation), each file on one side whole; both keep the input order.
+
+    A file is held out when the SHA-256 of ``seed`` and its name, read as a
+    number in [0, 1), is below ``fraction``, so about that share of the files
+    is held out. The name (a path relative to the corpus root), not the
+    content, is the key: each file's side depends on nothing else, so the
+    split is the same on every machine, in every run, and across CPython patch
+    releases that edit a file's text or add and remove other files. When no
+    file falls below the threshold but ``fraction > 0``, the file with the
+    lowest hash is held out, and a file is moved back to training when every
+    file fell below it, so both sides are non-empty from two files on.
+    """
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(f"validation fraction={fraction!r} is invalid: must be a number in [0, 1)")
+    names = list(names)
+    if fraction == 0 or not names:
+        return names, []
+    scores = {name: _file_score(seed, name) for name in names}
+    held = {name for name in names if scores[name] < fraction}
+    if not held:
+        held = {min(names, key=lambda name: (scores[name], name))}
+    if len(held) == len(set(names)) and len(held) > 1:
+        held.discard(max(names, key=lambda name: (scores[name], name)))
+    return [n for n in names if n not in held], [n for n in names if n in held]
+
+
+def _file_score(seed: int, name: str) -> float:
+    digest = hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def load_split(spec: str | Path | Sequence[str | Path], *, seed: int = 0,
+               fraction: float | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(all documents, train, validation) for ``spec``, split the way `arbor train` splits it.
+
+    ``"stdlib"`` is split by file with `split_files` (``fraction`` defaults to
+    ``STDLIB_VALIDATION_FRACTION``); any other spec is `load_corpus` followed by
+    `split_documents` (``fraction`` defaults to 0.05).
+    """
+    if isinstance(spec, str) and spec == STDLIB:
+        corpus = read_stdlib()
+        train, val = corpus.split(STDLIB_VALIDATION_FRACTION if fraction is None else fraction, seed)
+        return corpus.documents, train, val
+    documents = load_corpus(spec)
+    options = {} if fraction is None else {"fraction": fraction}
+    train, val = split_documents(documents, seed=seed, **options)
+    return documents, train, val
 
 
 # --------------------------------------------------------------------------- packing

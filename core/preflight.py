@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from arbor.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
-from arbor.data import BUILTIN
+from arbor.data import NAMED_CORPORA
 from arbor.growable import parse_growth_spec
 from arbor.growth import GrowthError
 from arbor.plugins import get_registry
@@ -161,8 +161,9 @@ def _check_substrate(model_config: ArborConfig) -> list[str]:
 def _check_data(data: str, tokenizer: str) -> list[str]:
     problems = []
     if not data.strip():
-        problems.append("data='': is empty; give 'builtin', text files, a glob, a .jsonl file or a saved dataset")
-    elif data != BUILTIN and not Path(data).expanduser().exists():
+        problems.append("data='': is empty; give 'builtin', 'stdlib', text files, a glob, a .jsonl file "
+                        "or a saved dataset")
+    elif data not in NAMED_CORPORA and not Path(data).expanduser().exists():
         if not any(c in data for c in "*?[") or not glob.glob(str(Path(data).expanduser()), recursive=True):
             problems.append(f"data={data!r}: matches no file or directory")
     if tokenizer not in ("auto", "bpe") and not Path(tokenizer).expanduser().exists():

@@ -285,3 +285,98 @@ def test_eval_batches_visit_every_block_in_order(dataset):
     got = list(eval_batches(dataset, 7))
     assert [len(b["input_ids"]) for b in got[:-1]] == [7] * (len(got) - 1) and 1 <= len(got[-1]["input_ids"]) <= 7
     assert torch.equal(torch.cat([b["input_ids"] for b in got]), dataset.batch(range(len(dataset)))["input_ids"])
+
+
+# --------------------------------------------------------------------------- the standard-library corpus
+
+
+def _fake_stdlib(root, files=60):
+    """A directory laid out like a CPython ``lib/pythonX.Y`` with the folders the corpus must skip."""
+    kept = []
+    for i in range(files):
+        name = f"pkg{i % 5}/mod{i:03d}.py" if i % 3 else f"mod{i:03d}.py"
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"def f{i}():\n    return {i}  # é\n" * (1 + i % 7), encoding="utf-8")
+        kept.append(name)
+    for skipped in ("test/test_os.py", "tests/x.py", "pkg1/tests/test_a.py", "idlelib/idle_test/test_b.py",
+                    "lib2to3/tests/data/c.py", "site-packages/third/d.py", "dist-packages/e.py",
+                    "email/test/f.py", "__pycache__/g.py"):
+        (root / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (root / skipped).write_text("SKIPPED = True\n", encoding="utf-8")
+    (root / "notes.txt").write_text("not python\n", encoding="utf-8")
+    (root / "empty.py").write_text("\n", encoding="utf-8")
+    (root / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")
+    return sorted([*kept, "empty.py", "latin1.py"])
+
+
+def test_stdlib_files_skip_tests_and_third_party_packages_in_path_order(tmp_path):
+    from arbor.data import read_stdlib, stdlib_files
+
+    listed = _fake_stdlib(tmp_path)
+    assert stdlib_files(tmp_path) == listed  # sorted relative POSIX paths, nothing from the excluded folders
+    corpus = read_stdlib(tmp_path)
+    assert corpus.skipped == ["latin1.py"]  # not UTF-8: skipped and counted
+    assert "empty.py" not in corpus.names and len(corpus.names) == len(corpus.documents) == len(listed) - 2
+    assert corpus.documents[0] == (tmp_path / corpus.names[0]).read_text(encoding="utf-8")
+    # The same tree under another root gives the same names in the same order.
+    other = tmp_path / "elsewhere" / "lib"
+    other.mkdir(parents=True)
+    _fake_stdlib(other)
+    assert read_stdlib(other).names == corpus.names and read_stdlib(other).documents == corpus.documents
+    with pytest.raises(DataError, match="does not exist"):
+        stdlib_files(tmp_path / "missing")
+
+
+def test_split_files_is_by_file_deterministic_and_near_the_fraction():
+    from arbor.data import split_files
+
+    names = [f"pkg{i % 13}/mod{i}.py" for i in range(4000)]
+    train, val = split_files(names, 0.02, seed=0)
+    assert not set(train) & set(val) and sorted(train + val) == sorted(names)
+    assert 0.012 < len(val) / len(names) < 0.028
+    assert (train, val) == split_files(names, 0.02, seed=0)
+    kept, held = set(train), set(val)
+    assert train == [n for n in names if n in kept]  # input order kept
+    # A file's side depends only on its name: other files, order and count do not move it.
+    assert split_files(list(reversed(names[:2000])), 0.02)[1] == [n for n in reversed(names[:2000]) if n in held]
+    assert split_files(names, 0.02, seed=1)[1] != val
+    assert split_files(names, 0.0) == (names, [])
+    assert split_files(["a.py", "b.py"], 0.02)[1] and split_files(["a.py", "b.py"], 0.02)[0]  # never one-sided
+    with pytest.raises(DataError, match="validation fraction"):
+        split_files(names, 1.0)
+
+
+def test_load_split_splits_stdlib_by_file_and_other_corpora_as_before(tmp_path, monkeypatch):
+    import arbor.data as data
+
+    _fake_stdlib(tmp_path)
+    monkeypatch.setattr(data, "stdlib_root", lambda: tmp_path)
+    corpus = data.read_stdlib()
+    documents, train, val = data.load_split(data.STDLIB, seed=3, fraction=0.2)
+    assert documents == corpus.documents == data.load_corpus("stdlib")
+    held = set(data.split_files(corpus.names, 0.2, seed=3)[1])
+    assert val == [d for n, d in zip(corpus.names, corpus.documents) if n in held] and val
+    assert sorted(train + val) == sorted(documents)  # whole files, not a tail cut
+    docs = load_corpus("builtin")
+    assert data.load_split("builtin", seed=2)[1:] == split_documents(docs, seed=2)
+
+
+def test_the_real_stdlib_lists_many_files_and_no_tests():
+    from arbor.data import STDLIB_EXCLUDED_DIRS, stdlib_files
+
+    names = stdlib_files()
+    assert len(names) > 500 and names == sorted(names)
+    assert "os.py" in names and "json/__init__.py" in names
+    assert not any(set(name.split("/")[:-1]) & STDLIB_EXCLUDED_DIRS for name in names)
+    assert not any(name.startswith(("test/", "idlelib/idle_test/", "lib2to3/tests/")) for name in names)
+
+
+def test_preflight_accepts_the_stdlib_corpus(tmp_path, monkeypatch):
+    from arbor.preflight import RunCheckError, check_run
+    from arbor.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)  # no file or directory named "stdlib" here
+    check_run(TrainConfig.model_validate({"data": "stdlib"}))
+    with pytest.raises(RunCheckError, match="matches no file or directory"):
+        check_run(TrainConfig.model_validate({"data": "stdlib2"}))
