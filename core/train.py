@@ -37,6 +37,7 @@ from arbor.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from arbor.flops import FlopCounter
 from arbor.optim import step_warmup
 from arbor.tokenizer import encode
 
@@ -178,6 +179,7 @@ class Trainer:
         self.progress, self.echo = progress, echo
         self.step, self.tokens, self.history = 0, 0, []
         self.nonfinite_steps = 0
+        self.flops = FlopCounter()  # training FLOPs so far, counted from the model of each step
         self.device = torch.device(config.device)
         model.to(self.device)
         if config.gradient_checkpointing:
@@ -230,6 +232,8 @@ class Trainer:
             loss = self._loss(batch) / c.grad_accum
             loss.backward()
             total += loss.item()
+        seq = self.train_blocks.shape[1]
+        self.flops.step(self.model, c.batch_size * c.grad_accum * seq, seq)  # also a step skipped below
         # The norm is wanted even without clipping: a non-finite one must not reach the weights.
         grads = [p for p in self.model.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.clip_grad_norm_(grads, c.grad_clip if c.grad_clip > 0 else math.inf))
@@ -327,6 +331,7 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "growth_history": self.history, "trigger": self.trigger.state_dict(),
+                "flops": self.flops.total,
                 "frozen": [n for n, p in self.model.named_parameters() if not p.requires_grad],
                 "trigger_name": self.trigger_name, "config": self.config.model_dump(mode="json"),
                 "plugins": self.selection.as_dict()}
@@ -355,7 +360,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": self.step, "tokens": self.tokens, "loss": last_loss,
                           "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                          "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers}
+                          "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers,
+                          "flops": self.flops.total}
                 self._log(record)
                 window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
@@ -414,6 +420,7 @@ class Trainer:
         trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo)
         trainer.optimizer = restore_optimizer(make_optimizer(config), model, state, tensors)
         trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.flops.total = int(state.get("flops", 0))
         trainer.history = list(state.get("growth_history", []))
         trainer.trigger.load_state_dict(state.get("trigger", {}))
         set_rng_state(tensors["rng"])
