@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from arbor.tokenizer import encode
+from arbor.tokenizer import clean_text, encode
 
 #: The corpus spec naming the built-in corpus.
 BUILTIN = "builtin"
@@ -174,7 +174,8 @@ def load_corpus(spec: str | Path | Sequence[str | Path], *, field: str = "text")
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if not specs:
         raise DataError(f"corpus: no spec given; expected {ACCEPTED}")
-    documents = [doc for one in specs for doc in _load_spec(str(one), field) if doc.strip()]
+    # Lone surrogates (from JSON escapes) would fail inside the tokenizers; they become U+FFFD.
+    documents = [clean_text(doc) for one in specs for doc in _load_spec(str(one), field) if doc.strip()]
     if not documents:
         raise DataError(f"corpus {_show(specs)}: holds no text")
     return documents

@@ -280,3 +280,33 @@ def test_a_failing_plugin_stops_the_run_in_one_line(faulty_plugin, tmp_path, cap
         assert verify_checksums(checkpoint)
     for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
         json.loads(line)
+
+
+# ------------------------------------------------------------------- odd text
+def test_data_with_lone_surrogates_and_special_token_text_trains(tmp_path, capsys):
+    from arbor.cli_train import prepare
+    from arbor.train import TrainConfig
+
+    data = tmp_path / "data.jsonl"
+    docs = [f"document {i}: text <|eos|> that names <|bos|> special tokens \ud800 and a lone surrogate " * 8
+            for i in range(40)]
+    data.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n", encoding="utf-8")
+    tokenizer, train, val = prepare(TrainConfig.model_validate({"data": str(data), "seq_len": 32,
+                                                                "vocab_size": 300}), echo=lambda s: None)
+    stream = torch_cat(train, val)
+    assert int((stream == tokenizer.eos_token_id).sum()) <= len(docs)  # one per document at most, none forged
+    assert int((stream == tokenizer.bos_token_id).sum()) == 0
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run), "--data", str(data), "--max-steps", "2"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def torch_cat(*blocks):
+    import torch
+
+    return torch.cat([b.reshape(-1) for b in blocks])
+
+
+def test_a_prompt_naming_special_tokens_is_text(trained, capsys):
+    assert main(["generate", str(ckpt(trained)), "<|eos|><|eos|>", "--max-new-tokens", "3"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
