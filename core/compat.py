@@ -53,6 +53,7 @@ __all__ = [
     "GradientCheckpointingLayer",
     "LlamaRotaryEmbedding",
     "accepts_cache_kwarg",
+    "layer_accepts_cache_kwarg",
     "apply_rotary_pos_emb",
     "can_return_tuple",
     "capture_outputs",
@@ -118,6 +119,13 @@ def accepts_cache_kwarg(func: Callable) -> Callable:
             "past_key_values", _OLD_CACHE_NAME_REMOVED_IN, new_name="cache", raise_if_both_names=True
         )(func)
     return _rename_past_key_values(func)
+
+
+def layer_accepts_cache_kwarg(func: Callable) -> Callable:
+    """For a layer's ``forward`` (parameter ``cache``), called by arbor's own model with the cache
+    under `CACHE_KWARG`: nothing to do where that is ``cache``, a rename where it is the old name.
+    Layers run once per block per step, so they skip `accepts_cache_kwarg`'s checks."""
+    return func if CACHE_KWARG == "cache" else _rename_past_key_values(func)
 
 
 def create_causal_mask(

@@ -179,7 +179,7 @@ class ArborDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    @accepts_cache_kwarg
+    @compat.layer_accepts_cache_kwarg
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -24,6 +24,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -415,6 +416,7 @@ def _str_list(value: Any) -> str | None:
     return None if ok else f"{value!r}, not a list of parameter names"
 
 
+@functools.cache
 def _result_checks() -> dict[str, Callable[[Any], str | None]]:
     """What each call must return, by ``kind.method``."""
     from torch import nn
