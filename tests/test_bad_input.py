@@ -173,61 +173,6 @@ def test_a_run_whose_loss_becomes_infinite_stops_with_its_checkpoint_intact(tmp_
 
 
 # ------------------------------------------------ plugins failing during training
-FAULTY_PLUGIN = """
-import torch
-import arbor_plugins
-
-
-class State(arbor_plugins.TriggerState):
-    def __init__(self, mode):
-        self.mode = mode
-
-    def decide(self, step, tokens, model):
-        if self.mode == "none":
-            return None
-        if self.mode == "dict":
-            return {"grow": True}
-        return arbor_plugins.Decision(grow=step == 1, reason="test", growth={"axis": "depth", "num_layers": 1})
-
-    def state_dict(self):
-        return {"history": torch.zeros(2)} if self.mode == "tensor" else {}
-
-
-class Faulty(arbor_plugins.Trigger):
-    def __init__(self, mode):
-        self.mode = mode
-
-    def start(self, model, settings):
-        return State(self.mode)
-
-
-class Liar(arbor_plugins.InitScheme):
-    exact = True  # but it changes the function
-
-    def initialize(self, model, event, settings):
-        with torch.no_grad():
-            model.model.norm.weight.mul_(1.5)
-
-
-@arbor_plugins.hookimpl
-def arbor_register(registry):
-    for mode in ("none", "dict", "tensor", "grow"):
-        registry.register("trigger", "faulty-" + mode, Faulty(mode))
-    registry.register("init_scheme", "liar", Liar())
-
-
-# The hooks fail only for models marked by an unusual position count, so each case picks its fault.
-@arbor_plugins.hookimpl
-def arbor_grow_depth(model, event):
-    if model.config.max_position_embeddings == 384:
-        raise RuntimeError("cannot follow depth growth")
-
-
-@arbor_plugins.hookimpl
-def arbor_pre_forward_stats(model, layer_idx, hidden_states, step):
-    if model.config.max_position_embeddings == 256:
-        raise ValueError("bad statistic")
-"""
 
 
 @pytest.fixture
@@ -235,7 +180,7 @@ def faulty_plugin(tmp_path, monkeypatch, fresh_plugins):
     import importlib
     import sys
 
-    from test_plugins import make_dist
+    from test_plugins import FAULTY_PLUGIN, make_dist
 
     from arbor.plugins import reset_plugins
 

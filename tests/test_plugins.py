@@ -366,7 +366,9 @@ def test_hookspecs_match_kinds():
 
 
 # -------------------------------------------------------------- the guard
-BROKEN_PLUGIN = """
+#: One plugin with a fault for every kind of call; models pick a hook's fault by an unusual
+#: max_position_embeddings (384: growth hook, 256: stats hook, 777: RoPE hook).
+FAULTY_PLUGIN = """
 import torch
 import arbor_plugins
 
@@ -378,13 +380,15 @@ class State(arbor_plugins.TriggerState):
     def decide(self, step, tokens, model):
         if self.mode == "none":
             return None
-        return arbor_plugins.Decision(grow=False, reason="never")
+        if self.mode == "dict":
+            return {"grow": True}
+        return arbor_plugins.Decision(grow=step == 1, reason="test", growth={"axis": "depth", "num_layers": 1})
 
     def state_dict(self):
         return {"history": torch.zeros(2)} if self.mode == "tensor" else {}
 
 
-class Broken(arbor_plugins.Trigger):
+class Faulty(arbor_plugins.Trigger):
     def __init__(self, mode):
         self.mode = mode
 
@@ -394,20 +398,32 @@ class Broken(arbor_plugins.Trigger):
         return State(self.mode)
 
 
+class Liar(arbor_plugins.InitScheme):
+    exact = True  # but it changes the function
+
+    def initialize(self, model, event, settings):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.5)
+
+
 @arbor_plugins.hookimpl
 def arbor_register(registry):
-    for mode in ("none", "tensor", "raise"):
-        registry.register("trigger", "broken-" + mode, Broken(mode))
+    for mode in ("none", "dict", "tensor", "grow", "raise"):
+        registry.register("trigger", "faulty-" + mode, Faulty(mode))
+    registry.register("init_scheme", "liar", Liar())
 
 
+# The hooks fail only for models marked by an unusual position count, so each case picks its fault.
 @arbor_plugins.hookimpl
 def arbor_grow_depth(model, event):
-    raise RuntimeError("cannot follow depth growth")
+    if model.config.max_position_embeddings == 384:
+        raise RuntimeError("cannot follow depth growth")
 
 
 @arbor_plugins.hookimpl
 def arbor_pre_forward_stats(model, layer_idx, hidden_states, step):
-    raise ValueError("bad statistic")
+    if model.config.max_position_embeddings == 256:
+        raise ValueError("bad statistic")
 
 
 @arbor_plugins.hookimpl
@@ -436,15 +452,15 @@ def _trainer(tmp_path, trigger):
 
 
 @pytest.mark.parametrize(("trigger", "message"), [
-    ("broken-none", r"plugin 'brokenplug' 0\.3 .*trigger 'broken-none' state\.decide\(\) returned a NoneType, "
+    ("faulty-none", r"plugin 'brokenplug' 0\.3 .*trigger 'faulty-none' state\.decide\(\) returned a NoneType, "
                     r"not a Decision"),
-    ("broken-tensor", r"plugin 'brokenplug' 0\.3 .*state\.state_dict\(\) returned a dict that is not JSON"),
-    ("broken-raise", r"plugin 'brokenplug' 0\.3 .*failed in trigger 'broken-raise'\.start\(\): KeyError"),
+    ("faulty-tensor", r"plugin 'brokenplug' 0\.3 .*state\.state_dict\(\) returned a dict that is not JSON"),
+    ("faulty-raise", r"plugin 'brokenplug' 0\.3 .*failed in trigger 'faulty-raise'\.start\(\): KeyError"),
 ])
 def test_a_failing_component_is_named_with_its_distribution(site, tmp_path, trigger, message):
     from arbor.plugins import PluginError
 
-    site("brokenplug", BROKEN_PLUGIN, version="0.3")
+    site("brokenplug", FAULTY_PLUGIN, version="0.3")
     with pytest.raises(PluginError, match=message):
         _trainer(tmp_path, trigger).fit()
 
@@ -454,12 +470,11 @@ def test_failing_hooks_are_named_with_their_distribution(site):
 
     from arbor.plugins import PluginError
 
-    site("brokenplug", BROKEN_PLUGIN, version="0.3")
-    model = _tiny()
+    site("brokenplug", FAULTY_PLUGIN, version="0.3")
     with pytest.raises(PluginError, match=r"plugin 'brokenplug' 0\.3 .*failed in hook arbor_grow_depth: "
                                           r"RuntimeError: cannot follow depth growth"):
-        model.grow_depth(1)
-    model.train()
+        _tiny(max_position_embeddings=384).grow_depth(1)
+    model = _tiny(max_position_embeddings=256).train()
     model.stats_interval = 1
     with pytest.raises(PluginError, match=r"'brokenplug'.*hook arbor_pre_forward_stats: ValueError"):
         model(torch.randint(0, 48, (1, 4)))
@@ -470,9 +485,9 @@ def test_failing_hooks_are_named_with_their_distribution(site):
 def test_the_cli_names_a_failing_plugin_in_one_line(site, tmp_path, capsys):
     from arbor.cli import main
 
-    site("brokenplug", BROKEN_PLUGIN, version="0.3")
+    site("brokenplug", FAULTY_PLUGIN, version="0.3")
     plugins = tmp_path / "plugins.toml"
-    plugins.write_text('[trigger]\nname = "broken-none"\n')
+    plugins.write_text('[trigger]\nname = "faulty-none"\n')
     argv = ["train", "--out", str(tmp_path / "run"), "--plugins", str(plugins), "--max-steps", "3",
             "--no-progress", "--set", "seq_len=32", "--set", "vocab_size=300", "--set", "sample_tokens=0"]
     assert main(argv) == 1
