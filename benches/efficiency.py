@@ -1,0 +1,534 @@
+"""Does growing save compute? The final model trained from scratch against growth schedules.
+
+The same final architecture is trained two ways, on the same data in the same
+order, for the same token budget and the same learning-rate schedule (warm-up,
+cosine decay over the budget):
+
+* **scratch**: the final model from step 0;
+* **growth**: each schedule of ``--schedules`` starts smaller and grows, exactly
+  as ``arbor train`` grows (``Trainer.grow``: insertion policy, init scheme,
+  optimizer carry-over), into the final architecture.
+
+Every arm runs at each peak learning rate of ``--lrs`` (at least three), and the
+best run of each arm is the one reported, so no arm is handicapped by one
+learning rate. Training FLOPs are counted at every optimizer step from the model
+that ran it (`arbor.flops`: forward plus backward of the parameters present
+then, attention included). Validation loss on held-out files is measured at
+regular FLOP intervals (``--evals`` per scratch budget), at every growth step
+and at the end.
+
+The headline is the **FLOPs ratio**: the FLOPs at which the best growth run
+first reaches the best scratch run's final validation loss (interpolated
+linearly between evaluations), divided by the scratch run's total FLOPs. Below
+1, growing saved compute. A growth run that has not reached the target when
+its budget ends trains on (same data order, final learning rate) until it does
+or until it has spent 1.5x the scratch FLOPs; then the ratio is ``>1.5``.
+Beside it: both losses at equal FLOPs (the growth run's total).
+
+    python benches/efficiency.py                         # the standard size on stdlib: ~25 min on 2 cores
+    python benches/efficiency.py --quick                 # smoke run, seconds
+    python benches/efficiency.py --preset efficiency-base --budget-tokens 2000000
+    python benches/efficiency.py --schedules depth,width --lrs 2e-3,4e-3,8e-3 --out runs/eff
+    python benches/efficiency.py --schedules my_schedules.json
+
+A schedule file is JSON: ``{"name": {"stages": [[0, {"layers": 0.5}], [0.2, {"layers": 1}]],
+"init": {"depth": "zero"}, "policy": "middle"}}``. Each stage is ``[fraction of the token
+budget, sizes as fractions of the final model]`` (``layers``, ``ffn``); the first stage (at 0)
+is the starting model, each later one a growth step to those sizes. ``init`` names the init
+scheme per axis and ``policy`` the insertion policy, as ``plugins.toml`` names components;
+optional ``new_param_lr_multiplier``, ``warmup_steps`` (new parameters re-warm) and
+``init_settings`` (per axis) go to the growth step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Final models the benchmark knows besides `arbor.PRESETS` (vocab_size follows the tokenizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "efficiency-quick": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2),
+    "efficiency-small": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=6, num_attention_heads=3,
+                             num_key_value_heads=3),
+    "efficiency-base": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=9, num_attention_heads=4,
+                            num_key_value_heads=4),
+}
+_COMMON = dict(tie_word_embeddings=True, max_position_embeddings=512, min_layers=1, max_layers=64)
+
+#: Built-in growth schedules; sizes are fractions of the final model.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "depth": {
+        "about": "1/3 of the layers; +1/3 at 10 % and at 30 % of the tokens, zero-initialised at the middle (exact)",
+        "stages": [[0, {"layers": 1 / 3}], [0.1, {"layers": 2 / 3}], [0.3, {"layers": 1}]],
+        "init": {"depth": "zero"}, "policy": "middle",
+    },
+    "depth-stack": {
+        "about": "as depth, but new layers repeat the trained stack on top (G_stack; not exact)",
+        "stages": [[0, {"layers": 1 / 3}], [0.1, {"layers": 2 / 3}], [0.3, {"layers": 1}]],
+        "init": {"depth": "stack"}, "policy": "stack",
+    },
+    "depth-masked": {
+        "about": "as depth, new layers random behind a mask that ramps in over 5 % of the steps (MSG; exact)",
+        "stages": [[0, {"layers": 1 / 3}], [0.1, {"layers": 2 / 3}], [0.3, {"layers": 1}]],
+        "init": {"depth": "masked"}, "policy": "middle", "ramp_fraction": 0.05,
+    },
+    "width": {
+        "about": "FFN at 1/4 of its width, doubled at 10 % and at 30 % of the tokens by splitting units (exact)",
+        "stages": [[0, {"ffn": 0.25}], [0.1, {"ffn": 0.5}], [0.3, {"ffn": 1}]],
+        "init": {"ffn": "split"},
+    },
+    "both": {
+        "about": "1/3 of the layers and half the FFN; the layers grow at 10 % and 30 %, the FFN at 30 % (exact)",
+        "stages": [[0, {"layers": 1 / 3, "ffn": 0.5}], [0.1, {"layers": 2 / 3, "ffn": 0.5}],
+                   [0.3, {"layers": 1, "ffn": 1}]],
+        "init": {"depth": "zero", "ffn": "split"}, "policy": "middle",
+    },
+}
+DEFAULT_SCHEDULES = "depth,depth-stack"
+RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
+
+
+# ------------------------------------------------------------------- the figures
+def flops_to_target(curve: list[dict[str, float]], target: float) -> float | None:
+    """FLOPs at which the evaluations in ``curve`` (ascending ``flops``) first reach ``target``.
+
+    Linear interpolation between the last evaluation above the target and the
+    first at or below it; None when no evaluation reaches it.
+    """
+    previous = None
+    for point in curve:
+        if point["val_loss"] <= target:
+            if previous is None:
+                return float(point["flops"])
+            (f0, l0), (f1, l1) = (previous["flops"], previous["val_loss"]), (point["flops"], point["val_loss"])
+            return float(f1) if l0 == l1 else f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
+        previous = point
+    return None
+
+
+def loss_at(curve: list[dict[str, float]], flops: float) -> float | None:
+    """Validation loss at ``flops``, interpolated linearly between evaluations (None outside them)."""
+    for a, b in zip(curve, curve[1:]):
+        if a["flops"] <= flops <= b["flops"]:
+            if b["flops"] == a["flops"]:
+                return float(b["val_loss"])
+            return a["val_loss"] + (b["val_loss"] - a["val_loss"]) * (flops - a["flops"]) / (b["flops"] - a["flops"])
+    if curve and curve[-1]["flops"] == flops:
+        return float(curve[-1]["val_loss"])
+    return None
+
+
+def compare(scratch: dict[str, Any], growth: dict[str, Any]) -> dict[str, Any]:
+    """The FLOPs ratio of one growth run against the scratch run, from their logged evaluations."""
+    s_curve, g_curve = scratch["evaluations"], growth["evaluations"]
+    target, total = s_curve[-1]["val_loss"], s_curve[-1]["flops"]
+    reached = flops_to_target(g_curve, target)
+    equal = min(growth["budget_flops"], total)  # the growth run's FLOPs at the end of its token budget
+    return {
+        "target": target, "scratch_flops": total, "flops_at_target": reached,
+        "ratio": None if reached is None or reached > RATIO_CAP * total else reached / total,
+        "equal_flops": equal, "growth_loss_at_equal": loss_at(g_curve, equal),
+        "scratch_loss_at_equal": loss_at(s_curve, equal),
+    }
+
+
+def ratio_text(ratio: float | None) -> str:
+    return f">{RATIO_CAP:g}" if ratio is None else f"{ratio:.2f}"
+
+
+# ------------------------------------------------------------------- the runs
+def final_config(args, vocab_size: int, tokenizer) -> dict[str, Any]:
+    """The final architecture's ArborConfig keywords."""
+    from arbor import PRESETS as ARBOR_PRESETS
+
+    if args.model_config:
+        from arbor.cli_train import read_config_file
+
+        spec = read_config_file(args.model_config)
+        preset = spec.pop("preset", None)
+        base = dict(ARBOR_PRESETS[preset]) if preset in ARBOR_PRESETS else dict(PRESETS.get(preset, {}), **_COMMON)
+        spec = {**base, **spec}
+    elif args.preset in PRESETS:
+        spec = {**PRESETS[args.preset], **_COMMON}
+    elif args.preset in ARBOR_PRESETS:
+        spec = dict(ARBOR_PRESETS[args.preset])
+    else:
+        allowed = ", ".join([*PRESETS, *ARBOR_PRESETS])
+        raise ValueError(f"--preset {args.preset!r} is unknown; allowed: {allowed}")
+    spec.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    spec.setdefault("max_layers", max(64, spec.get("num_hidden_layers", 1)))
+    spec["max_position_embeddings"] = max(spec.get("max_position_embeddings", 0), args.seq_len)
+    return spec
+
+
+def _size(final: int, fraction: float) -> int:
+    return max(1, min(final, round(final * fraction)))
+
+
+def plan(schedule: dict[str, Any], final: dict[str, Any], steps: int, tokens_per_step: int) -> dict[str, Any]:
+    """A schedule made concrete for the final model: the starting config and the growth steps."""
+    stages = schedule["stages"]
+    if not stages or stages[0][0] != 0:
+        raise ValueError("a schedule's first stage must be at 0 (the starting model)")
+    layers, ffn = final["num_hidden_layers"], final["intermediate_size"]
+    sizes = [(_size(layers, s.get("layers", 1)), _size(ffn, s.get("ffn", 1))) for _, s in stages]
+    if sizes[-1] != (layers, ffn):
+        raise ValueError(f"a schedule must end at the final model ({layers} layers, FFN {ffn}); it ends at "
+                         f"{sizes[-1][0]} layers, FFN {sizes[-1][1]}")
+    init, policy = schedule.get("init", {}), schedule.get("policy")
+    init_settings = dict(schedule.get("init_settings", {}))
+    if "ramp_fraction" in schedule:  # masked init: the ramp as a share of the run
+        init_settings.setdefault("depth", {"ramp_steps": max(1, round(schedule["ramp_fraction"] * steps))})
+        init_settings.setdefault("ffn", {"ramp_steps": max(1, round(schedule["ramp_fraction"] * steps))})
+    events = []
+    for (at, _), (l0, f0), (l1, f1) in zip(stages[1:], sizes, sizes[1:]):
+        if not 0 < at < 1:
+            raise ValueError(f"growth stages must lie strictly inside the budget (0 < fraction < 1), not {at}")
+        step = max(1, round(at * steps))
+        specs = []
+        if f1 != f0:
+            specs.append(_spec("ffn", {"add": f1 - f0}, init, init_settings))
+        if l1 != l0:
+            depth = {"num_layers": l1 - l0, **({"policy": policy} if policy else {})}
+            specs.append(_spec("depth", depth, init, init_settings))
+        if l1 < l0 or f1 < f0:
+            raise ValueError("a schedule may only grow")
+        events.append({"step": step, "tokens": step * tokens_per_step, "specs": specs})
+    start = dict(final, num_hidden_layers=sizes[0][0], intermediate_size=sizes[0][1])
+    start["min_layers"] = 1
+    return {"start": start, "events": events}
+
+
+def _spec(axis: str, extra: dict[str, Any], init: dict[str, str], init_settings: dict[str, Any]) -> dict[str, Any]:
+    spec = {"axis": axis, **extra}
+    if axis in init:
+        spec["init"] = init[axis]
+    if axis in init_settings:
+        spec["init_settings"] = init_settings[axis]
+    return spec
+
+
+class Run:
+    """One arm at one learning rate: a Trainer driven step by step, evaluated on a FLOP grid."""
+
+    def __init__(self, name: str, lr: float, model_config: dict[str, Any], events: list[dict[str, Any]],
+                 args, data, out: Path, schedule: dict[str, Any] | None = None, selection=None):
+        from arbor.config import ArborConfig
+        from arbor.modeling import ArborForCausalLM
+        from arbor.train import TrainConfig, Trainer
+
+        self.name, self.lr, self.events = name, lr, list(events)
+        train_blocks, self.val_blocks = data
+        torch.manual_seed(args.seed)  # every arm starts from the same random state
+        model = ArborForCausalLM._from_config(ArborConfig(**model_config), attn_implementation="sdpa")
+        schedule = schedule or {}
+        growth = {k: schedule[k] for k in ("new_param_lr_multiplier", "warmup_steps") if k in schedule}
+        config = TrainConfig(
+            data="(benchmark)", seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, max_steps=args.steps,
+            warmup_steps=args.warmup_steps, seed=args.seed, sample_tokens=0,
+            growth={"trigger": "schedule", "trigger_settings": {"steps": [args.steps + 1]}, **growth},
+        )
+        self.dir = out / f"{name}-lr{lr:g}"
+        if (self.dir / "metrics.jsonl").exists():
+            (self.dir / "metrics.jsonl").unlink()
+        self.trainer = Trainer(model, config, train_blocks, self.val_blocks, self.dir, plugins=selection,
+                               progress=False, echo=lambda *a, **k: None)
+        self.evaluations: list[dict[str, Any]] = []
+        self.growth: list[dict[str, Any]] = []
+        self.losses: list[list[float]] = []
+        self.seconds = 0.0
+        self.budget_flops: int | None = None
+
+    def evaluate(self) -> float:
+        t = self.trainer
+        t.model.eval()
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(self.val_blocks), t.config.batch_size):
+                batch = self.val_blocks[i:i + t.config.batch_size]
+                losses.append(t.model(batch, labels=batch).loss.item() * len(batch))
+        loss = sum(losses) / len(self.val_blocks)
+        self.evaluations.append({"step": t.step, "tokens": t.tokens, "flops": t.flops.total, "val_loss": loss})
+        return loss
+
+    def train(self, until_step: int, eval_every: float, stop=None, bar=None) -> None:
+        """Train to optimizer step ``until_step`` (stop early when ``stop(flops, loss)`` says so)."""
+        from arbor_plugins import Decision
+
+        t = self.trainer
+        started = time.perf_counter()
+        if not self.evaluations:
+            self.evaluate()
+        next_eval = (math.floor(t.flops.total / eval_every) + 1) * eval_every
+        while t.step < until_step:
+            loss = t.train_step()
+            self.losses.append([t.step, t.tokens, t.flops.total, loss])
+            grew = False
+            while self.events and t.step >= self.events[0]["step"]:
+                event = self.events.pop(0)
+                for spec in event["specs"]:
+                    record = t.grow(Decision(True, f"schedule: step {event['step']}", spec))
+                    self.growth.append({**record, "flops": t.flops.total})
+                grew = True
+            if grew or t.flops.total >= next_eval or t.step == until_step:
+                loss_now = self.evaluate()
+                next_eval = (math.floor(t.flops.total / eval_every) + 1) * eval_every
+                if stop is not None and stop(t.flops.total, loss_now):
+                    break
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{self.name} lr={self.lr:g} loss={loss:.3f}", refresh=False)
+        self.seconds += time.perf_counter() - started
+
+    def result(self) -> dict[str, Any]:
+        return {"arm": self.name, "lr": self.lr, "evaluations": self.evaluations, "growth": self.growth,
+                "budget_flops": self.budget_flops, "final_val_loss": self.final_loss, "seconds": self.seconds,
+                "params": sum(p.numel() for p in self.trainer.model.parameters()),
+                "train_loss": self.losses[:: max(1, len(self.losses) // 200)]}
+
+    @property
+    def final_loss(self) -> float:
+        """Validation loss at the end of the token budget."""
+        at_budget = [e for e in self.evaluations if e["step"] <= self.trainer.config.max_steps]
+        return at_budget[-1]["val_loss"]
+
+
+def load_schedules(text: str) -> dict[str, dict[str, Any]]:
+    if text.endswith(".json") or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--schedules {text}: no such file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--schedules {text}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"--schedules {text}: expected an object of named schedules")
+        return data
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCHEDULES]
+    if unknown or not names:
+        raise ValueError(f"--schedules: unknown schedule {', '.join(unknown) or '(none)'}; allowed: "
+                         f"{', '.join(SCHEDULES)}, or a JSON file")
+    return {n: SCHEDULES[n] for n in names}
+
+
+def prepare_data(args):
+    """Tokenizer and blocks, exactly as ``arbor train`` builds them; a fixed evaluation subset."""
+    from arbor.cli_train import prepare
+    from arbor.train import TrainConfig
+
+    config = TrainConfig(data=args.data, vocab_size=args.vocab_size, seq_len=args.seq_len, seed=args.seed)
+    tokenizer, train_blocks, val_blocks = prepare(config, echo=lambda m: print(m, file=sys.stderr))
+    if len(val_blocks) > args.eval_blocks:  # spread over every held-out file, the same blocks for every run
+        index = torch.linspace(0, len(val_blocks) - 1, args.eval_blocks).round().long()
+        val_blocks = val_blocks[index]
+    return tokenizer, train_blocks, val_blocks
+
+
+def run_benchmark(args) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from arbor.flops import training_flops_per_token
+    from arbor.config import ArborConfig
+
+    started = time.perf_counter()
+    schedules = load_schedules(args.schedules)
+    lrs = sorted(args.lrs)
+    tokenizer, train_blocks, val_blocks = prepare_data(args)
+    tokens_per_step = args.batch_size * args.seq_len
+    args.steps = max(1, args.budget_tokens // tokens_per_step)
+    final = final_config(args, len(tokenizer), tokenizer)
+    scratch_flops = training_flops_per_token(ArborConfig(**final), args.seq_len) * tokens_per_step * args.steps
+    eval_every = scratch_flops / args.evals
+    plans = {name: plan(s, final, args.steps, tokens_per_step) for name, s in schedules.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    selection = None
+    if args.plugins:
+        from arbor.plugins_toml import load_plugins_toml
+
+        selection = load_plugins_toml(args.plugins)
+    params = sum(p.numel() for p in _build(final).parameters())
+    print(f"final model: {final['num_hidden_layers']} layers, hidden {final['hidden_size']}, FFN "
+          f"{final['intermediate_size']}, vocab {final['vocab_size']}: {params:,} parameters; budget "
+          f"{args.steps * tokens_per_step:,} tokens ({args.steps:,} steps of {tokens_per_step:,}), "
+          f"{args.steps * tokens_per_step / params:.2f} tokens per parameter; "
+          f"{len(train_blocks) * args.seq_len:,} training tokens available", file=sys.stderr)
+    runs: dict[str, list[Run]] = {"scratch": []}
+    total = args.steps * len(lrs) * (1 + len(schedules))
+    bar = tqdm(total=total, desc="efficiency", unit="step", dynamic_ncols=True, disable=args.no_progress)
+    data = (train_blocks, val_blocks)
+    for lr in lrs:
+        run = Run("scratch", lr, final, [], args, data, out, selection=selection)
+        run.train(args.steps, eval_every, bar=bar)
+        run.budget_flops = run.trainer.flops.total
+        runs["scratch"].append(run)
+    best_scratch = min(runs["scratch"], key=lambda r: r.final_loss)
+    target = best_scratch.final_loss
+    comparisons = {}
+    for name, p in plans.items():
+        runs[name] = []
+        for lr in lrs:
+            run = Run(name, lr, p["start"], p["events"], args, data, out, schedule=schedules[name],
+                      selection=selection)
+            run.train(args.steps, eval_every, bar=bar)
+            run.budget_flops = run.trainer.flops.total
+            runs[name].append(run)
+        # Best of the arm: the run that reaches the target first, else the lowest final loss.
+        results = [(compare(best_scratch.result(), r.result()), r) for r in runs[name]]
+        reached = [(c["flops_at_target"], r) for c, r in results if c["flops_at_target"] is not None]
+        best = min(reached, key=lambda x: x[0])[1] if reached else min(runs[name], key=lambda r: r.final_loss)
+        if flops_to_target(best.evaluations, target) is None:
+            # Train on past the budget (final learning rate, same data order) up to 1.5x the scratch FLOPs.
+            cap = RATIO_CAP * best_scratch.budget_flops
+            extra = tqdm(desc=f"{name}: on to 1.5x", unit="step", leave=False, disable=args.no_progress)
+            best.train(10**9, eval_every, stop=lambda flops, loss: loss <= target or flops >= cap, bar=extra)
+            extra.close()
+        comparisons[name] = {"lr": best.lr, **compare(best_scratch.result(), best.result())}
+    bar.close()
+    winner = min(comparisons, key=lambda n: (comparisons[n]["ratio"] is None, comparisons[n]["ratio"] or 0,
+                                             comparisons[n]["growth_loss_at_equal"] or math.inf))
+    report = {
+        "command": " ".join(sys.argv), "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "budget_tokens": args.steps * tokens_per_step, "steps": args.steps, "lrs": lrs, "final_model": final,
+        "params": params, "tokens_per_parameter": args.steps * tokens_per_step / params,
+        "schedules": {n: {**schedules[n], "plan": plans[n]} for n in schedules},
+        "runs": [r.result() for arm in runs.values() for r in arm],
+        "scratch": {"lr": best_scratch.lr, "final_val_loss": target, "flops": best_scratch.budget_flops},
+        "comparisons": comparisons, "winner": winner, "seconds": time.perf_counter() - started,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+    }
+    (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    plot(report, out / "efficiency.png")
+    return report
+
+
+def _build(config: dict[str, Any]):
+    from arbor.config import ArborConfig
+    from arbor.modeling import ArborForCausalLM
+
+    return ArborForCausalLM._from_config(ArborConfig(**config))
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Validation loss against FLOPs: every run faint, each arm's best bold, growth steps marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    best = {"scratch": report["scratch"]["lr"], **{n: c["lr"] for n, c in report["comparisons"].items()}}
+    colors = {}
+    for run in report["runs"]:
+        arm = run["arm"]
+        curve = run["evaluations"][1:]  # the untrained model's loss would squash the axis
+        xs, ys = [e["flops"] for e in curve], [e["val_loss"] for e in curve]
+        chosen = run["lr"] == best.get(arm)
+        line, = ax.plot(xs, ys, color=colors.get(arm), lw=2 if chosen else 0.8, alpha=1 if chosen else 0.35,
+                        label=f"{arm} (lr {run['lr']:g})" if chosen else None)
+        colors.setdefault(arm, line.get_color())
+        if chosen:
+            for g in run["growth"]:
+                ax.axvline(g["flops"], color=colors[arm], ls=":", lw=1)
+    ax.axhline(report["scratch"]["final_val_loss"], color="grey", ls="--", lw=1, label="scratch's final loss")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (held-out files)")
+    comparison = report["comparisons"][report["winner"]]
+    ax.set_title(f"{report['winner']}: FLOPs ratio {ratio_text(comparison['ratio'])} "
+                 f"({report['params']:,} params, {report['budget_tokens']:,} tokens)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    top = max(e["val_loss"] for r in report["runs"] for e in r["evaluations"][1:2])
+    ax.set_ylim(top=top)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    s = report["scratch"]
+    lines = [f"scratch: best lr {s['lr']:g}, final validation loss {s['final_val_loss']:.4f}, "
+             f"{s['flops']:.3e} FLOPs"]
+    for name, c in report["comparisons"].items():
+        at = "never within 1.5x" if c["ratio"] is None else f"at {c['flops_at_target']:.3e} FLOPs"
+        lines.append(f"{name}: best lr {c['lr']:g}, reaches the target {at}, ratio {ratio_text(c['ratio'])}; "
+                     f"at {c['equal_flops']:.3e} FLOPs growth {c['growth_loss_at_equal']:.4f} vs scratch "
+                     f"{c['scratch_loss_at_equal']:.4f}")
+    c = report["comparisons"][report["winner"]]
+    verdict = "saved compute" if c["ratio"] is not None and c["ratio"] < 1 else "did not save compute"
+    lines.append(
+        f"FLOPs ratio {ratio_text(c['ratio'])} ({report['winner']}: growing {verdict}; scratch's final validation "
+        f"loss {c['target']:.4f}; at equal FLOPs {c['equal_flops']:.3e}: growth {c['growth_loss_at_equal']:.4f}, "
+        f"scratch {c['scratch_loss_at_equal']:.4f})")
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="stdlib", help="any data `arbor train --data` takes (default: stdlib)")
+    p.add_argument("--preset", default="efficiency-small",
+                   help=f"the final model: {', '.join(PRESETS)} or an arbor preset (default: efficiency-small)")
+    p.add_argument("--model-config", help="a TOML/YAML/JSON file of ArborConfig keys for the final model")
+    p.add_argument("--budget-tokens", type=int, default=1_228_800, help="training tokens per run")
+    p.add_argument("--schedules", default=DEFAULT_SCHEDULES,
+                   help=f"comma-separated: {', '.join(SCHEDULES)}; or a JSON file (default: {DEFAULT_SCHEDULES})")
+    p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="peak learning rates swept for every arm (at least 3)")
+    p.add_argument("--out", default="runs/efficiency", help="directory for efficiency.json, efficiency.png, runs")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny model and budget)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 2 %% of the steps")
+    p.add_argument("--evals", type=int, default=24, help="evaluations per scratch budget")
+    p.add_argument("--eval-blocks", type=int, default=96, help="held-out blocks every evaluation reads")
+    p.add_argument("--plugins", help="a plugins.toml whose components schedules without their own names use")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.data, args.preset, args.budget_tokens, args.vocab_size = "builtin", "efficiency-quick", 12_288, 512
+        args.seq_len, args.batch_size, args.evals, args.eval_blocks = 32, 8, 6, 8
+        args.schedules = args.schedules if args.schedules != DEFAULT_SCHEDULES else "depth"
+    try:
+        args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--lrs {args.lrs!r}: expected comma-separated numbers")
+    if len(set(args.lrs)) < 3 or any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        p.error("--lrs: give at least three different positive learning rates")
+    for name in ("budget_tokens", "seq_len", "batch_size", "evals", "eval_blocks", "vocab_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, args.budget_tokens // (args.batch_size * args.seq_len) // 50)
+    return args, p
+
+
+def main(argv=None) -> int:
+    args, parser = parse_args(argv)
+    try:
+        report = run_benchmark(args)
+    except ValueError as exc:  # bad input: one line, exit code 2
+        parser.exit(2, f"efficiency: error: {exc}\n")
+    print(f"wrote {Path(args.out) / 'efficiency.json'} and {Path(args.out) / 'efficiency.png'} "
+          f"({report['seconds']:.0f} s)")
+    for line in summary_lines(report):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
