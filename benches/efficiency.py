@@ -27,7 +27,7 @@ Beside it: both losses at equal FLOPs (the growth run's total).
 
     python benches/efficiency.py                         # the standard size on stdlib: ~25 min on 2 cores
     python benches/efficiency.py --quick                 # smoke run, seconds
-    python benches/efficiency.py --preset efficiency-base --budget-tokens 2000000
+    python benches/efficiency.py --preset efficiency-medium --budget-tokens 2000000
     python benches/efficiency.py --schedules depth,width --lrs 2e-3,4e-3,8e-3 --out runs/eff
     python benches/efficiency.py --schedules my_schedules.json
 
@@ -37,7 +37,8 @@ budget, sizes as fractions of the final model]`` (``layers``, ``ffn``); the firs
 is the starting model, each later one a growth step to those sizes. ``init`` names the init
 scheme per axis and ``policy`` the insertion policy, as ``plugins.toml`` names components;
 optional ``new_param_lr_multiplier``, ``warmup_steps`` (new parameters re-warm) and
-``init_settings`` (per axis) go to the growth step.
+``init_settings`` (per axis) go to the growth step. With ``"trigger": {"name": ..., settings}``
+a trigger decides when each later stage comes (write ``null`` for its fraction).
 """
 
 from __future__ import annotations
@@ -57,10 +58,8 @@ import torch
 PRESETS: dict[str, dict[str, Any]] = {
     "efficiency-quick": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=2),
-    "efficiency-small": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=6, num_attention_heads=3,
-                             num_key_value_heads=3),
-    "efficiency-base": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=9, num_attention_heads=4,
-                            num_key_value_heads=4),
+    "efficiency-medium": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=6, num_attention_heads=3,
+                              num_key_value_heads=3),
 }
 _COMMON = dict(tie_word_embeddings=True, max_position_embeddings=512, min_layers=1, max_layers=64)
 
@@ -81,6 +80,15 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "stages": [[0, {"layers": 1 / 3}], [0.1, {"layers": 2 / 3}], [0.3, {"layers": 1}]],
         "init": {"depth": "masked"}, "policy": "middle", "ramp_fraction": 0.05,
     },
+    "both-compute-optimal": {
+        "about": "as both, but each step comes when the tokens since the last one reach 2 x the current "
+                 "non-embedding parameters (the compute-optimal trigger; Staged Training's idea of growing "
+                 "once the small model has had its share)",
+        "stages": [[0, {"layers": 1 / 3, "ffn": 0.5}], [None, {"layers": 2 / 3, "ffn": 0.5}],
+                   [None, {"layers": 1, "ffn": 1}]],
+        "init": {"depth": "zero", "ffn": "split"}, "policy": "middle",
+        "trigger": {"name": "compute-optimal", "tokens_per_parameter": 2.0},
+    },
     "width": {
         "about": "FFN at 1/4 of its width, doubled at 10 % and at 30 % of the tokens by splitting units (exact)",
         "stages": [[0, {"ffn": 0.25}], [0.1, {"ffn": 0.5}], [0.3, {"ffn": 1}]],
@@ -93,7 +101,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "init": {"depth": "zero", "ffn": "split"}, "policy": "middle",
     },
 }
-DEFAULT_SCHEDULES = "depth,depth-stack"
+DEFAULT_SCHEDULES = "depth,both"
 RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
 
 
@@ -178,7 +186,7 @@ def _size(final: int, fraction: float) -> int:
 def plan(schedule: dict[str, Any], final: dict[str, Any], steps: int, tokens_per_step: int) -> dict[str, Any]:
     """A schedule made concrete for the final model: the starting config and the growth steps."""
     stages = schedule["stages"]
-    if not stages or stages[0][0] != 0:
+    if not stages or stages[0][0] not in (0, None):
         raise ValueError("a schedule's first stage must be at 0 (the starting model)")
     layers, ffn = final["num_hidden_layers"], final["intermediate_size"]
     sizes = [(_size(layers, s.get("layers", 1)), _size(ffn, s.get("ffn", 1))) for _, s in stages]
@@ -192,9 +200,12 @@ def plan(schedule: dict[str, Any], final: dict[str, Any], steps: int, tokens_per
         init_settings.setdefault("ffn", {"ramp_steps": max(1, round(schedule["ramp_fraction"] * steps))})
     events = []
     for (at, _), (l0, f0), (l1, f1) in zip(stages[1:], sizes, sizes[1:]):
-        if not 0 < at < 1:
+        if schedule.get("trigger"):
+            step = None  # the trigger decides when
+        elif at is None or not 0 < at < 1:
             raise ValueError(f"growth stages must lie strictly inside the budget (0 < fraction < 1), not {at}")
-        step = max(1, round(at * steps))
+        else:
+            step = max(1, round(at * steps))
         specs = []
         if f1 != f0:
             specs.append(_spec("ffn", {"add": f1 - f0}, init, init_settings))
@@ -203,7 +214,7 @@ def plan(schedule: dict[str, Any], final: dict[str, Any], steps: int, tokens_per
             specs.append(_spec("depth", depth, init, init_settings))
         if l1 < l0 or f1 < f0:
             raise ValueError("a schedule may only grow")
-        events.append({"step": step, "tokens": step * tokens_per_step, "specs": specs})
+        events.append({"step": step, "tokens": None if step is None else step * tokens_per_step, "specs": specs})
     start = dict(final, num_hidden_layers=sizes[0][0], intermediate_size=sizes[0][1])
     start["min_layers"] = 1
     return {"start": start, "events": events}
@@ -233,10 +244,12 @@ class Run:
         model = ArborForCausalLM._from_config(ArborConfig(**model_config), attn_implementation="sdpa")
         schedule = schedule or {}
         growth = {k: schedule[k] for k in ("new_param_lr_multiplier", "warmup_steps") if k in schedule}
+        trigger = dict(schedule.get("trigger") or {"name": "schedule", "steps": [10**12]})  # default: never fires
+        self.triggered = bool(schedule.get("trigger"))
         config = TrainConfig(
             data="(benchmark)", seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, max_steps=args.steps,
             warmup_steps=args.warmup_steps, seed=args.seed, sample_tokens=0,
-            growth={"trigger": "schedule", "trigger_settings": {"steps": [args.steps + 1]}, **growth},
+            growth={"trigger": trigger.pop("name"), "trigger_settings": trigger, **growth},
         )
         self.dir = out / f"{name}-lr{lr:g}"
         if (self.dir / "metrics.jsonl").exists():
@@ -274,10 +287,18 @@ class Run:
             loss = t.train_step()
             self.losses.append([t.step, t.tokens, t.flops.total, loss])
             grew = False
-            while self.events and t.step >= self.events[0]["step"]:
+            due = []
+            if self.triggered:  # the schedule's trigger says when; its stages say how much
+                t.trigger.observe(t.step, t.tokens, loss, t.model)
+                decision = t.trigger.decide(t.step, t.tokens, t.model)
+                if decision.grow and self.events:
+                    due.append((self.events.pop(0), decision.reason))
+            while self.events and self.events[0]["step"] is not None and t.step >= self.events[0]["step"]:
                 event = self.events.pop(0)
+                due.append((event, f"schedule: step {event['step']}"))
+            for event, reason in due:
                 for spec in event["specs"]:
-                    record = t.grow(Decision(True, f"schedule: step {event['step']}", spec))
+                    record = t.grow(Decision(True, reason, spec))
                     self.growth.append({**record, "flops": t.flops.total})
                 grew = True
             if grew or t.flops.total >= next_eval or t.step == until_step:
@@ -369,11 +390,18 @@ def run_benchmark(args) -> dict[str, Any]:
     total = args.steps * len(lrs) * (1 + len(schedules))
     bar = tqdm(total=total, desc="efficiency", unit="step", dynamic_ncols=True, disable=args.no_progress)
     data = (train_blocks, val_blocks)
+
+    def finished(arm: str, run: Run) -> None:
+        run.budget_flops = run.trainer.flops.total
+        runs[arm].append(run)
+        # Every finished run is on disk at once: a crash or Ctrl-C loses only the run in progress.
+        partial = {"partial": True, "runs": [r.result() for group in runs.values() for r in group]}
+        (out / "efficiency.json").write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
+
     for lr in lrs:
         run = Run("scratch", lr, final, [], args, data, out, selection=selection)
         run.train(args.steps, eval_every, bar=bar)
-        run.budget_flops = run.trainer.flops.total
-        runs["scratch"].append(run)
+        finished("scratch", run)
     best_scratch = min(runs["scratch"], key=lambda r: r.final_loss)
     target = best_scratch.final_loss
     comparisons = {}
@@ -383,8 +411,7 @@ def run_benchmark(args) -> dict[str, Any]:
             run = Run(name, lr, p["start"], p["events"], args, data, out, schedule=schedules[name],
                       selection=selection)
             run.train(args.steps, eval_every, bar=bar)
-            run.budget_flops = run.trainer.flops.total
-            runs[name].append(run)
+            finished(name, run)
         # Best of the arm: the run that reaches the target first, else the lowest final loss.
         results = [(compare(best_scratch.result(), r.result()), r) for r in runs[name]]
         reached = [(c["flops_at_target"], r) for c, r in results if c["flops_at_target"] is not None]
@@ -480,13 +507,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="stdlib", help="any data `arbor train --data` takes (default: stdlib)")
-    p.add_argument("--preset", default="efficiency-small",
-                   help=f"the final model: {', '.join(PRESETS)} or an arbor preset (default: efficiency-small)")
+    p.add_argument("--preset", default="small",
+                   help=f"the final model: {', '.join(PRESETS)} or an arbor preset (default: small)")
     p.add_argument("--model-config", help="a TOML/YAML/JSON file of ArborConfig keys for the final model")
     p.add_argument("--budget-tokens", type=int, default=1_228_800, help="training tokens per run")
     p.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                    help=f"comma-separated: {', '.join(SCHEDULES)}; or a JSON file (default: {DEFAULT_SCHEDULES})")
-    p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="peak learning rates swept for every arm (at least 3)")
+    p.add_argument("--lrs", default="2.5e-3,5e-3,1e-2", help="peak learning rates swept for every arm (at least 3)")
     p.add_argument("--out", default="runs/efficiency", help="directory for efficiency.json, efficiency.png, runs")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny model and budget)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -494,15 +521,17 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 2 %% of the steps")
     p.add_argument("--evals", type=int, default=24, help="evaluations per scratch budget")
-    p.add_argument("--eval-blocks", type=int, default=96, help="held-out blocks every evaluation reads")
+    p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks every evaluation reads")
     p.add_argument("--plugins", help="a plugins.toml whose components schedules without their own names use")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.data, args.preset, args.budget_tokens, args.vocab_size = "builtin", "efficiency-quick", 12_288, 512
-        args.seq_len, args.batch_size, args.evals, args.eval_blocks = 32, 8, 6, 8
-        args.schedules = args.schedules if args.schedules != DEFAULT_SCHEDULES else "depth"
+    if args.quick:  # small defaults; options given on the command line still win
+        quick = dict(data="builtin", preset="efficiency-quick", budget_tokens=12_288, vocab_size=512, seq_len=32,
+                     batch_size=8, evals=6, eval_blocks=8, schedules="depth")
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     try:
         args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
@@ -517,9 +546,21 @@ def parse_args(argv=None):
     return args, p
 
 
+def check(args) -> None:
+    """Options that need no data, checked before the corpus is read."""
+    from arbor import PRESETS as ARBOR_PRESETS
+
+    if not args.model_config and args.preset not in PRESETS and args.preset not in ARBOR_PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is unknown; allowed: {', '.join([*PRESETS, *ARBOR_PRESETS])}")
+    if args.model_config and not Path(args.model_config).is_file():
+        raise ValueError(f"--model-config {args.model_config}: no such file")
+    load_schedules(args.schedules)
+
+
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
     try:
+        check(args)
         report = run_benchmark(args)
     except ValueError as exc:  # bad input: one line, exit code 2
         parser.exit(2, f"efficiency: error: {exc}\n")

@@ -350,20 +350,23 @@ class Trainer:
 
             bar = tqdm(total=c.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
             self.echo = bar.write
-        window_tokens, window_start, last_loss = 0, time.perf_counter(), float("nan")
+        window_tokens, window_start, window_losses, last_loss = 0, time.perf_counter(), [], float("nan")
         while self.step < stop:
             tokens_before = self.tokens
-            last_loss = self.train_step()
+            step_loss = self.train_step()
             window_tokens += self.tokens - tokens_before
-            self.trigger.observe(self.step, self.tokens, last_loss, self.model)
+            window_losses.append(step_loss)
+            self.trigger.observe(self.step, self.tokens, step_loss, self.model)
             if self.step % c.log_interval == 0 or self.step == c.max_steps:
                 elapsed = time.perf_counter() - window_start
+                # The mean over the steps since the last record: one batch's loss is too noisy to read.
+                last_loss = sum(window_losses) / len(window_losses)
                 record = {"step": self.step, "tokens": self.tokens, "loss": last_loss,
                           "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers,
                           "flops": self.flops.total}
                 self._log(record)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_start, window_losses = 0, time.perf_counter(), []
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     params=f"{record['params'] / 1e6:.2f}M", layers=record["layers"])

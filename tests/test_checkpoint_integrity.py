@@ -129,7 +129,8 @@ def test_truncate_metrics_keeps_records_up_to_the_step(tmp_path):
 
 
 # ----------------------------------------------------------------- the CLI
-TRAIN = ["train", "--no-progress", "--max-steps", "6", "--set", "seq_len=32", "--set", "vocab_size=300",
+TRAIN = ["train", "--no-progress", "--max-steps", "6", "--data", "builtin", "--set", "seq_len=32",
+         "--set", "vocab_size=300",
          "--set", "eval_interval=3", "--set", "save_interval=3", "--set", "log_interval=1",
          "--set", "sample_tokens=0"]
 

@@ -71,8 +71,8 @@ def test_plot_marks_growth_events(tmp_path):
 # --------------------------------------------------------------------- train
 def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--out", str(out), "--max-steps", "12", "--no-progress", "--set", "seq_len=32",
-            "--set", "vocab_size=300", "--set", "eval_interval=6", "--set", "save_interval=6",
+    argv = ["train", "--out", str(out), "--max-steps", "12", "--no-progress", "--data", "builtin",
+            "--set", "seq_len=32", "--set", "vocab_size=300", "--set", "eval_interval=6", "--set", "save_interval=6",
             "--set", "log_interval=3", "--set", "sample_tokens=5"]
     assert main(argv) == 0
     text = capsys.readouterr().out

@@ -489,7 +489,8 @@ def test_the_cli_names_a_failing_plugin_in_one_line(site, tmp_path, capsys):
     plugins = tmp_path / "plugins.toml"
     plugins.write_text('[trigger]\nname = "faulty-none"\n')
     argv = ["train", "--out", str(tmp_path / "run"), "--plugins", str(plugins), "--max-steps", "3",
-            "--no-progress", "--set", "seq_len=32", "--set", "vocab_size=300", "--set", "sample_tokens=0"]
+            "--no-progress", "--data", "builtin", "--set", "seq_len=32", "--set", "vocab_size=300",
+            "--set", "sample_tokens=0"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'brokenplug' 0.3" in err[0] and "not a Decision" in err[0], err
