@@ -9,9 +9,10 @@ cosine decay over the budget):
   as ``arbor train`` grows (``Trainer.grow``: insertion policy, init scheme,
   optimizer carry-over), into the final architecture.
 
-Every arm runs at each peak learning rate of ``--lrs`` (at least three), and the
-best run of each arm is the one reported, so no arm is handicapped by one
-learning rate. Training FLOPs are counted at every optimizer step from the model
+Scratch runs at each peak learning rate of ``--lrs``, every growth schedule at
+each of ``--growth-lrs`` (at least three each), and the best run of each arm is
+the one reported, so no arm is handicapped by one learning rate; a best rate at
+the edge of its sweep is flagged. Training FLOPs are counted at every optimizer step from the model
 that ran it (`arbor.flops`: forward plus backward of the parameters present
 then, attention included). Validation loss on held-out files is measured at
 regular FLOP intervals (``--evals`` per scratch budget), at every growth step
@@ -28,7 +29,7 @@ Beside it: both losses at equal FLOPs (the growth run's total).
     python benches/efficiency.py                         # the standard size on stdlib: ~25 min on 2 cores
     python benches/efficiency.py --quick                 # smoke run, seconds
     python benches/efficiency.py --preset efficiency-medium --budget-tokens 2000000
-    python benches/efficiency.py --schedules depth,width --lrs 2e-3,4e-3,8e-3 --out runs/eff
+    python benches/efficiency.py --schedules depth,width --growth-lrs 2e-3,4e-3,8e-3 --out runs/eff
     python benches/efficiency.py --schedules my_schedules.json
 
 A schedule file is JSON: ``{"name": {"stages": [[0, {"layers": 0.5}], [0.2, {"layers": 1}]],
@@ -101,7 +102,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "init": {"depth": "zero", "ffn": "split"}, "policy": "middle",
     },
 }
-DEFAULT_SCHEDULES = "depth,both"
+DEFAULT_SCHEDULES = "depth,depth-stack"
 RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
 
 
@@ -365,7 +366,7 @@ def run_benchmark(args) -> dict[str, Any]:
 
     started = time.perf_counter()
     schedules = load_schedules(args.schedules)
-    lrs = sorted(args.lrs)
+    lrs, growth_lrs = args.lrs, args.growth_lrs
     tokenizer, train_blocks, val_blocks = prepare_data(args)
     tokens_per_step = args.batch_size * args.seq_len
     args.steps = max(1, args.budget_tokens // tokens_per_step)
@@ -387,12 +388,13 @@ def run_benchmark(args) -> dict[str, Any]:
           f"{args.steps * tokens_per_step / params:.2f} tokens per parameter; "
           f"{len(train_blocks) * args.seq_len:,} training tokens available", file=sys.stderr)
     runs: dict[str, list[Run]] = {"scratch": []}
-    total = args.steps * len(lrs) * (1 + len(schedules))
+    total = args.steps * (len(lrs) + len(growth_lrs) * len(schedules))
     bar = tqdm(total=total, desc="efficiency", unit="step", dynamic_ncols=True, disable=args.no_progress)
     data = (train_blocks, val_blocks)
 
     def finished(arm: str, run: Run) -> None:
-        run.budget_flops = run.trainer.flops.total
+        if run.budget_flops is None:  # the FLOPs at the end of the token budget, not of an extension
+            run.budget_flops = run.trainer.flops.total
         runs[arm].append(run)
         # Every finished run is on disk at once: a crash or Ctrl-C loses only the run in progress.
         partial = {"partial": True, "runs": [r.result() for group in runs.values() for r in group]}
@@ -407,7 +409,7 @@ def run_benchmark(args) -> dict[str, Any]:
     comparisons = {}
     for name, p in plans.items():
         runs[name] = []
-        for lr in lrs:
+        for lr in growth_lrs:
             run = Run(name, lr, p["start"], p["events"], args, data, out, schedule=schedules[name],
                       selection=selection)
             run.train(args.steps, eval_every, bar=bar)
@@ -422,13 +424,15 @@ def run_benchmark(args) -> dict[str, Any]:
             extra = tqdm(desc=f"{name}: on to 1.5x", unit="step", leave=False, disable=args.no_progress)
             best.train(10**9, eval_every, stop=lambda flops, loss: loss <= target or flops >= cap, bar=extra)
             extra.close()
+            finished(name, runs[name].pop(runs[name].index(best)))  # on disk with its extension
         comparisons[name] = {"lr": best.lr, **compare(best_scratch.result(), best.result())}
     bar.close()
     winner = min(comparisons, key=lambda n: (comparisons[n]["ratio"] is None, comparisons[n]["ratio"] or 0,
                                              comparisons[n]["growth_loss_at_equal"] or math.inf))
     report = {
         "command": " ".join(sys.argv), "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "budget_tokens": args.steps * tokens_per_step, "steps": args.steps, "lrs": lrs, "final_model": final,
+        "budget_tokens": args.steps * tokens_per_step, "steps": args.steps, "lrs": lrs, "growth_lrs": growth_lrs,
+        "final_model": final,
         "params": params, "tokens_per_parameter": args.steps * tokens_per_step / params,
         "schedules": {n: {**schedules[n], "plan": plans[n]} for n in schedules},
         "runs": [r.result() for arm in runs.values() for r in arm],
@@ -485,13 +489,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _edge(lr: float, swept: list[float]) -> str:
+    """A warning when the best rate is the sweep's smallest or largest: the optimum may lie outside it."""
+    return " (at the edge of the sweep: widen it)" if lr in (min(swept), max(swept)) else ""
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     s = report["scratch"]
     lines = [f"scratch: best lr {s['lr']:g}, final validation loss {s['final_val_loss']:.4f}, "
-             f"{s['flops']:.3e} FLOPs"]
+             f"{s['flops']:.3e} FLOPs{_edge(s['lr'], report['lrs'])}"]
     for name, c in report["comparisons"].items():
         at = "never within 1.5x" if c["ratio"] is None else f"at {c['flops_at_target']:.3e} FLOPs"
-        lines.append(f"{name}: best lr {c['lr']:g}, reaches the target {at}, ratio {ratio_text(c['ratio'])}; "
+        lines.append(f"{name}: best lr {c['lr']:g}{_edge(c['lr'], report['growth_lrs'])}, reaches the target {at}, "
+                     f"ratio {ratio_text(c['ratio'])}; "
                      f"at {c['equal_flops']:.3e} FLOPs growth {c['growth_loss_at_equal']:.4f} vs scratch "
                      f"{c['scratch_loss_at_equal']:.4f}")
     c = report["comparisons"][report["winner"]]
@@ -513,7 +523,10 @@ def parse_args(argv=None):
     p.add_argument("--budget-tokens", type=int, default=1_228_800, help="training tokens per run")
     p.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                    help=f"comma-separated: {', '.join(SCHEDULES)}; or a JSON file (default: {DEFAULT_SCHEDULES})")
-    p.add_argument("--lrs", default="2.5e-3,5e-3,1e-2", help="peak learning rates swept for every arm (at least 3)")
+    p.add_argument("--lrs", default="1.25e-3,2.5e-3,5e-3", help="peak learning rates swept for scratch (at least 3)")
+    p.add_argument("--growth-lrs", default="2.5e-3,5e-3,1e-2",
+                   help="peak learning rates swept for every growth schedule (at least 3; a model that starts "
+                        "small trains best at a higher rate)")
     p.add_argument("--out", default="runs/efficiency", help="directory for efficiency.json, efficiency.png, runs")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny model and budget)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -532,12 +545,15 @@ def parse_args(argv=None):
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    try:
-        args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--lrs {args.lrs!r}: expected comma-separated numbers")
-    if len(set(args.lrs)) < 3 or any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        p.error("--lrs: give at least three different positive learning rates")
+    for name in ("lrs", "growth_lrs"):
+        flag = f"--{name.replace('_', '-')}"
+        try:
+            values = [float(x) for x in getattr(args, name).split(",") if x.strip()]
+        except ValueError:
+            p.error(f"{flag} {getattr(args, name)!r}: expected comma-separated numbers")
+        if len(set(values)) < 3 or any(not (lr > 0 and math.isfinite(lr)) for lr in values):
+            p.error(f"{flag}: give at least three different positive learning rates")
+        setattr(args, name, sorted(set(values)))
     for name in ("budget_tokens", "seq_len", "batch_size", "evals", "eval_blocks", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -126,7 +126,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
     * ``trigger`` / ``trigger_settings``: a registered trigger (``utilization``,
       ``loss-plateau``, ``schedule``, ``compute-optimal``, or a plugin's) and its
       settings; ``None`` takes ``[trigger]`` of ``plugins.toml``. ``"schedule"``
-      without settings grows at 1/3 and 2/3 of ``max_steps``, as ``arbor train`` does.
+      without settings grows at 1/3 and 2/3 of ``max_steps``.
     * ``growth``: the step ``model.grow`` takes when the trigger names none (a
       `GrowthSpec` dict, e.g. ``{"axis": "ffn", "factor": 1.5}``); default the
       model's ``config.growth``, else 4 layers at the middle.

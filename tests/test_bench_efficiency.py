@@ -124,6 +124,7 @@ def test_quick_run_counts_flops_of_the_model_that_ran(quick):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lrs", "1e-3,2e-3"], "at least three"),
+    (["--growth-lrs", "1e-3,x"], "comma-separated numbers"),
     (["--schedules", "sideways"], "unknown schedule sideways"),
     (["--preset", "huge"], "--preset 'huge' is unknown"),
 ])

@@ -78,7 +78,7 @@ def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("grew ") == 2 and "(zero, exact)" in text and "sample:" in text
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
-    assert [(e["axis"], e["step"]) for e in events] == [("depth", 4), ("ffn", 8)]
+    assert [(e["axis"], e["step"], e["layers"]) for e in events] == [("depth", 1, 4), ("depth", 4, 6)]  # 10 %, 30 %
     assert all(abs(e["loss_after"] - e["loss_before"]) < 1e-5 for e in events)
     assert (out / "training.png").is_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,7 +87,7 @@ def test_train_end_to_end_on_a_tiny_budget(tmp_path, capsys):
 
     checkpoint = out / "checkpoints" / "step-00000012"
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    assert model.config.num_hidden_layers == 4 and AutoTokenizer.from_pretrained(checkpoint)("hi").input_ids
+    assert model.config.num_hidden_layers == 6 and AutoTokenizer.from_pretrained(checkpoint)("hi").input_ids
     # Resume to a longer budget continues the same run.
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "15", "--no-progress"]) == 0
     assert "resuming from" in capsys.readouterr().out

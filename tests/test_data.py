@@ -380,3 +380,16 @@ def test_preflight_accepts_the_stdlib_corpus(tmp_path, monkeypatch):
     check_run(TrainConfig.model_validate({"data": "stdlib"}))
     with pytest.raises(RunCheckError, match="matches no file or directory"):
         check_run(TrainConfig.model_validate({"data": "stdlib2"}))
+
+
+def test_the_default_run_reads_less_than_one_epoch_of_the_stdlib():
+    """`arbor train` on its defaults must not memorise: every training batch is new text."""
+    from arbor.cli_train import prepare
+    from arbor.train import TrainConfig
+
+    config = TrainConfig()
+    assert config.data == "stdlib"
+    _, train, val = prepare(config, echo=lambda message: None)
+    consumed = config.max_steps * config.batch_size * config.grad_accum * config.seq_len
+    assert consumed < 0.75 * train.numel(), (consumed, train.numel())
+    assert val.numel() > 50 * config.seq_len  # enough held-out text for a stable validation loss
