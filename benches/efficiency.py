@@ -107,8 +107,8 @@ RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOP
 
 
 # ------------------------------------------------------------------- the figures
-def flops_to_target(curve: list[dict[str, float]], target: float) -> float | None:
-    """FLOPs at which the evaluations in ``curve`` (ascending ``flops``) first reach ``target``.
+def flops_to_target(curve: list[dict[str, float]], target: float, key: str = "flops") -> float | None:
+    """FLOPs (or ``key``: "tokens") at which the evaluations in ``curve`` first reach ``target``.
 
     Linear interpolation between the last evaluation above the target and the
     first at or below it; None when no evaluation reaches it.
@@ -117,8 +117,8 @@ def flops_to_target(curve: list[dict[str, float]], target: float) -> float | Non
     for point in curve:
         if point["val_loss"] <= target:
             if previous is None:
-                return float(point["flops"])
-            (f0, l0), (f1, l1) = (previous["flops"], previous["val_loss"]), (point["flops"], point["val_loss"])
+                return float(point[key])
+            (f0, l0), (f1, l1) = (previous[key], previous["val_loss"]), (point[key], point["val_loss"])
             return float(f1) if l0 == l1 else f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
         previous = point
     return None
@@ -144,6 +144,7 @@ def compare(scratch: dict[str, Any], growth: dict[str, Any]) -> dict[str, Any]:
     equal = min(growth["budget_flops"], total)  # the growth run's FLOPs at the end of its token budget
     return {
         "target": target, "scratch_flops": total, "flops_at_target": reached,
+        "scratch_tokens": s_curve[-1]["tokens"], "tokens_at_target": flops_to_target(g_curve, target, "tokens"),
         "ratio": None if reached is None or reached > RATIO_CAP * total else reached / total,
         "equal_flops": equal, "growth_loss_at_equal": loss_at(g_curve, equal),
         "scratch_loss_at_equal": loss_at(s_curve, equal),
@@ -499,7 +500,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"scratch: best lr {s['lr']:g}, final validation loss {s['final_val_loss']:.4f}, "
              f"{s['flops']:.3e} FLOPs{_edge(s['lr'], report['lrs'])}"]
     for name, c in report["comparisons"].items():
-        at = "never within 1.5x" if c["ratio"] is None else f"at {c['flops_at_target']:.3e} FLOPs"
+        at = "never within 1.5x" if c["ratio"] is None else \
+            f"at {c['flops_at_target']:.3e} FLOPs and {c['tokens_at_target']:,.0f} tokens"
         lines.append(f"{name}: best lr {c['lr']:g}{_edge(c['lr'], report['growth_lrs'])}, reaches the target {at}, "
                      f"ratio {ratio_text(c['ratio'])}; "
                      f"at {c['equal_flops']:.3e} FLOPs growth {c['growth_loss_at_equal']:.4f} vs scratch "

@@ -24,7 +24,7 @@ def bench():
 
 
 def curve(*points):
-    return [{"flops": f, "val_loss": loss} for f, loss in points]
+    return [{"flops": f, "tokens": 10 * f, "val_loss": loss} for f, loss in points]
 
 
 def test_flops_to_target_interpolates_between_evaluations(bench):
@@ -54,6 +54,7 @@ def test_compare_ratio_and_cap(bench):
     assert result["target"] == 3.0
     assert result["ratio"] == pytest.approx(0.5)  # 3.0 is crossed halfway between 40 and 60
     assert result["growth_loss_at_equal"] == 2.4 and result["scratch_loss_at_equal"] == pytest.approx(3.6)
+    assert result["tokens_at_target"] == pytest.approx(500) and result["scratch_tokens"] == 1000
     slow = {"evaluations": curve((0, 6.0), (100, 3.5), (200, 2.9)), "budget_flops": 100}
     assert bench.compare(scratch, slow)["ratio"] is None  # reached only after 1.5x the scratch FLOPs
     assert bench.ratio_text(None) == ">1.5" and bench.ratio_text(0.4321) == "0.43"
@@ -134,3 +135,10 @@ def test_bad_options_are_one_line_with_exit_code_2(bench, argv, message, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_tokens_to_target_reads_the_same_curve(bench):
+    c = [{"flops": 0, "tokens": 0, "val_loss": 6.0}, {"flops": 10, "tokens": 100, "val_loss": 4.0},
+         {"flops": 30, "tokens": 200, "val_loss": 3.0}]
+    assert bench.flops_to_target(c, 3.5) == pytest.approx(20.0)
+    assert bench.flops_to_target(c, 3.5, key="tokens") == pytest.approx(150.0)
