@@ -156,8 +156,8 @@ def ratio_text(ratio: float | None) -> str:
 
 
 # ------------------------------------------------------------------- the runs
-def final_config(args, vocab_size: int, tokenizer) -> dict[str, Any]:
-    """The final architecture's ArborConfig keywords."""
+def final_config(args, tokenizer=None) -> dict[str, Any]:
+    """The final architecture's ArborConfig keywords (vocabulary and special tokens from ``tokenizer``)."""
     from arbor import PRESETS as ARBOR_PRESETS
 
     if args.model_config:
@@ -174,8 +174,9 @@ def final_config(args, vocab_size: int, tokenizer) -> dict[str, Any]:
     else:
         allowed = ", ".join([*PRESETS, *ARBOR_PRESETS])
         raise ValueError(f"--preset {args.preset!r} is unknown; allowed: {allowed}")
-    spec.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is not None:
+        spec.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     spec.setdefault("max_layers", max(64, spec.get("num_hidden_layers", 1)))
     spec["max_position_embeddings"] = max(spec.get("max_position_embeddings", 0), args.seq_len)
     return spec
@@ -335,8 +336,14 @@ def load_schedules(text: str) -> dict[str, dict[str, Any]]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"--schedules {text}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError(f"--schedules {text}: expected an object of named schedules")
+        for name, schedule in data.items():
+            stages = schedule.get("stages")
+            if not isinstance(stages, list) or not all(isinstance(st, list) and len(st) == 2 and
+                                                       isinstance(st[1], dict) for st in stages):
+                raise ValueError(f"--schedules {text}: schedule {name!r} needs \"stages\": a list of "
+                                 "[fraction, {\"layers\": ..., \"ffn\": ...}] pairs")
         return data
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCHEDULES]
@@ -371,7 +378,7 @@ def run_benchmark(args) -> dict[str, Any]:
     tokenizer, train_blocks, val_blocks = prepare_data(args)
     tokens_per_step = args.batch_size * args.seq_len
     args.steps = max(1, args.budget_tokens // tokens_per_step)
-    final = final_config(args, len(tokenizer), tokenizer)
+    final = final_config(args, tokenizer)
     scratch_flops = training_flops_per_token(ArborConfig(**final), args.seq_len) * tokens_per_step * args.steps
     eval_every = scratch_flops / args.evals
     plans = {name: plan(s, final, args.steps, tokens_per_step) for name, s in schedules.items()}
@@ -572,7 +579,13 @@ def check(args) -> None:
         raise ValueError(f"--preset {args.preset!r} is unknown; allowed: {', '.join([*PRESETS, *ARBOR_PRESETS])}")
     if args.model_config and not Path(args.model_config).is_file():
         raise ValueError(f"--model-config {args.model_config}: no such file")
-    load_schedules(args.schedules)
+    final = final_config(args)
+    steps = max(1, args.budget_tokens // (args.batch_size * args.seq_len))
+    for name, schedule in load_schedules(args.schedules).items():
+        try:
+            plan(schedule, final, steps, args.batch_size * args.seq_len)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"schedule {name!r}: {exc}") from None
 
 
 def main(argv=None) -> int:
