@@ -392,7 +392,19 @@ def load_split(spec: str | Path | Sequence[str | Path], *, seed: int = 0,
 # --------------------------------------------------------------------------- packing
 
 
-def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int = 1024,
+def _batches_of_text(documents: Sequence[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= max_docs or size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int = 1024, max_chars: int = 1_000_000,
                        parse_special: bool = False) -> torch.Tensor:
     """One int32 token stream: each document's tokens followed by ``tokenizer.eos_token_id``.
 
@@ -400,16 +412,18 @@ def tokenize_documents(documents: Sequence[str], tokenizer: Any, *, chunk: int =
     after a document tells the model where the next one begins. Special-token
     text inside a document (``"<|eos|>"``) is encoded as plain text unless
     ``parse_special``, so data cannot forge document boundaries. Documents are
-    encoded in batches through the fast tokenizer, which runs them in parallel.
+    encoded in batches (at most ``chunk`` documents or about ``max_chars`` characters)
+    through the fast tokenizer, which runs a batch in parallel; each batch's ids
+    become an int32 tensor at once, so the Python lists the tokenizer returns
+    never hold more than one batch (a few MB) however large the corpus.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("tokenizer has no eos_token: packing separates documents with it; set tokenizer.eos_token")
-    documents = list(documents)
     parts = []
-    for start in range(0, len(documents), chunk):
+    for batch in _batches_of_text(documents, chunk, max_chars):
         encoded = encode(
-            tokenizer, documents[start : start + chunk], parse_special=parse_special, add_special_tokens=False,
+            tokenizer, batch, parse_special=parse_special, add_special_tokens=False,
             return_attention_mask=False, verbose=False,
         )["input_ids"]
         stream: list[int] = []

@@ -200,6 +200,12 @@ def test_packing_is_fast_and_separates_documents_with_eos(corpus, tokenizer):
     assert pieces == corpus
 
 
+def test_tokenizing_in_small_batches_gives_the_same_stream(corpus, tokenizer):
+    whole = tokenize_documents(corpus[:20], tokenizer)
+    assert torch.equal(tokenize_documents(corpus[:20], tokenizer, max_chars=2_000), whole)
+    assert torch.equal(tokenize_documents(corpus[:20], tokenizer, chunk=1), whole)
+
+
 def test_blocks_conserve_tokens_up_to_the_remainder(tokenizer):
     documents = ["first document text", "second one, different", "third"]
     stream = tokenize_documents(documents, tokenizer)
