@@ -97,7 +97,7 @@ class TrainConfig(_Strict):
     bf16: bool = False
     gradient_checkpointing: bool = False
     eval_interval: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(16, ge=1)
     log_interval: int = Field(10, ge=1)
     save_interval: int = Field(100, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -274,9 +274,13 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         c = self.config
-        n = min(c.eval_batches, max(1, math.ceil(self.val_blocks.shape[0] / c.batch_size)))
-        losses = [self._loss(self.val_blocks[i * c.batch_size:(i + 1) * c.batch_size]).item() for i in range(n)]
-        return sum(losses) / len(losses)
+        blocks = self.val_blocks
+        want = c.eval_batches * c.batch_size
+        if blocks.shape[0] > want:  # spread over the whole held-out split, not its first few documents
+            blocks = blocks[torch.linspace(0, blocks.shape[0] - 1, want).round().long()]
+        total = sum(self._loss(blocks[i:i + c.batch_size]).item() * len(blocks[i:i + c.batch_size])
+                    for i in range(0, blocks.shape[0], c.batch_size))
+        return total / blocks.shape[0]
 
     @torch.no_grad()
     def _probe_loss(self) -> float:
