@@ -1,9 +1,10 @@
 """``arbor train``: train a growing model end to end.
 
-With no arguments it trains the ``tiny`` preset on the built-in corpus (the
-English reference text every CPython ships) with a byte-level BPE tokenizer
-trained on it, grows it twice on a schedule (exactly), saves checkpoints,
-writes ``metrics.jsonl`` and ``training.png``, and prints a sample.
+With no arguments it trains on CPython's standard-library source (split into
+training and validation by file) with a byte-level BPE tokenizer trained on
+it, starts at 2 layers of the ``small`` preset and grows them exactly to 6 on a
+schedule (`arbor.train.DEFAULT_GROWTH`), saves checkpoints, writes
+``metrics.jsonl`` and ``training.png``, and prints a sample.
 
 Settings come from, in increasing priority: a recipe (``--recipe``), a config
 file (TOML or YAML), ``--set key=value`` (dotted keys reach into tables), and
@@ -188,8 +189,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set lr=1e-3 --set model.preset=tiny (repeatable)")
     p.add_argument("--plugins", metavar="PATH", help="plugins.toml choosing trigger, policies, init scheme "
                                                       "(default: ./plugins.toml when present)")
-    p.add_argument("--data", help="'builtin' (default), 'stdlib' (CPython's standard-library source), text "
-                                  "files or a glob, a .jsonl file, or a saved dataset")
+    p.add_argument("--data", help="'stdlib' (default: CPython's standard-library source), 'builtin' (CPython's "
+                                  "English reference text), text files or a glob, a .jsonl file, or a saved dataset")
     p.add_argument("--out", default="runs/arbor", help="run directory (default: runs/arbor)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
