@@ -16,7 +16,8 @@ import pytest
 
 from arbor.cli import main
 
-TINY = ["--no-progress", "--set", "data=builtin", "--set", "seq_len=32", "--set", "vocab_size=300", "--set", "sample_tokens=0"]
+TINY = ["--no-progress", "--set", "data=builtin", "--set", "seq_len=32", "--set", "vocab_size=300",
+        "--set", "sample_tokens=0"]
 
 
 @pytest.fixture(scope="module")
