@@ -55,7 +55,7 @@ class _Strict(BaseModel):
 class GrowthSettings(_Strict):
     """How the run grows. Roles left as None fall back to ``plugins.toml``, then to the defaults."""
 
-    #: Trigger name and settings; default: "schedule" at 1/3 and 2/3 of ``max_steps``.
+    #: Trigger name and settings; default: "schedule" with DEFAULT_GROWTH (10 % and 30 % of ``max_steps``).
     trigger: str | None = None
     trigger_settings: dict[str, Any] = Field(default_factory=dict)
     #: The step ``model.grow()`` takes when the trigger names none (a GrowthSpec dict).
