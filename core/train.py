@@ -17,6 +17,7 @@ new param groups growth adds and a resumed run need no scheduler surgery.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -170,9 +171,15 @@ def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> to
     rows = []
     for k in range(index * batch_size, (index + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        rows.append(int(order[pos]))
+        rows.append(int(_epoch_order(n, seed, epoch)[pos]))
     return blocks[rows]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # Drawn once per epoch rather than once per row (a 30,000-block permutation costs ~0.7 ms);
+    # still a pure function of its arguments. Read only: the cached tensor is shared.
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class Trainer:

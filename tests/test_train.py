@@ -125,3 +125,13 @@ def test_bf16_autocast_and_gradient_checkpointing_train_and_grow(tmp_path):
     assert summary["growth_events"] == 1 and summary["layers"] == 3
     assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)
     assert torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_batch_at_draws_each_row_from_its_epochs_seeded_permutation():
+    blocks = torch.arange(50).view(-1, 1)
+    for index in (0, 3, 6, 12):  # 8 rows per batch over 50 blocks: batch 6 straddles epochs 0 and 1
+        rows = []
+        for k in range(index * 8, (index + 1) * 8):
+            epoch, pos = divmod(k, 50)
+            rows.append(int(torch.randperm(50, generator=torch.Generator().manual_seed(7 * 100_003 + epoch))[pos]))
+        assert batch_at(blocks, index, 8, seed=7).view(-1).tolist() == rows
