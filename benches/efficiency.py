@@ -252,6 +252,7 @@ class Run:
         config = TrainConfig(
             data="(benchmark)", seq_len=args.seq_len, batch_size=args.batch_size, lr=lr, max_steps=args.steps,
             warmup_steps=args.warmup_steps, seed=args.seed, sample_tokens=0,
+            eval_batches=math.ceil(len(self.val_blocks) / args.batch_size),
             growth={"trigger": trigger.pop("name"), "trigger_settings": trigger, **growth},
         )
         self.dir = out / f"{name}-lr{lr:g}"
@@ -267,13 +268,7 @@ class Run:
 
     def evaluate(self) -> float:
         t = self.trainer
-        t.model.eval()
-        losses = []
-        with torch.no_grad():
-            for i in range(0, len(self.val_blocks), t.config.batch_size):
-                batch = self.val_blocks[i:i + t.config.batch_size]
-                losses.append(t.model(batch, labels=batch).loss.item() * len(batch))
-        loss = sum(losses) / len(self.val_blocks)
+        loss = t.evaluate()  # every block of the evaluation subset: eval_batches covers it
         self.evaluations.append({"step": t.step, "tokens": t.tokens, "flops": t.flops.total, "val_loss": loss})
         return loss
 
@@ -573,10 +568,6 @@ def parse_args(argv=None):
 
 def check(args) -> None:
     """Options that need no data, checked before the corpus is read."""
-    from arbor import PRESETS as ARBOR_PRESETS
-
-    if not args.model_config and args.preset not in PRESETS and args.preset not in ARBOR_PRESETS:
-        raise ValueError(f"--preset {args.preset!r} is unknown; allowed: {', '.join([*PRESETS, *ARBOR_PRESETS])}")
     if args.model_config and not Path(args.model_config).is_file():
         raise ValueError(f"--model-config {args.model_config}: no such file")
     final = final_config(args)
