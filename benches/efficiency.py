@@ -102,7 +102,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "init": {"depth": "zero", "ffn": "split"}, "policy": "middle",
     },
 }
-DEFAULT_SCHEDULES = "depth,depth-stack"
+DEFAULT_SCHEDULES = "depth"
 RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
 
 
