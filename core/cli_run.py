@@ -83,6 +83,8 @@ def _grow_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, metavar="N", help="with --heads: kv heads to N")
     p.add_argument("--init", default="zero", help="init scheme (default: zero; 'arbor plugins' lists them)")
     p.add_argument("--policy", help="with --depth: insertion policy (default: the middle)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds what the step draws at random (new layers' attention, split noise); default 0")
     p.add_argument("--out", metavar="OUT", help="where to write the grown checkpoint (default: CKPT-grown)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -109,6 +111,7 @@ def grow_command(args: argparse.Namespace) -> int:
     with torch.no_grad():
         before = model(probe).logits
     params = sum(p.numel() for p in model.parameters())
+    torch.manual_seed(args.seed)  # the same command grows the same checkpoint the same way
     if args.depth is not None:
         event = model.grow_depth(args.depth, policy=args.policy, init=args.init)
     elif args.width is not None:

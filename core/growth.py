@@ -12,8 +12,8 @@ scheme object) that rewrites the new parts after the zero construction and
 before the ``arbor_grow_*`` hooks fire, so listeners see the final weights.
 
 A resized tensor becomes a new `nn.Parameter` (autograd remembers the shape of
-a leaf it has seen); `rebind_optimizer` and `arbor.optim.carry_over` move an
-optimizer's groups and state to the new objects, using `GrowthEvent.resized`.
+a leaf it has seen); `arbor.optim.carry_over` moves an optimizer's groups and
+state to the new objects, using `GrowthEvent.resized`.
 The model methods (``model.grow_depth`` and friends) live in `arbor.growable`.
 """
 
@@ -126,7 +126,7 @@ def _grow_tensor(
     are then written over it, so ``fill`` decides only what the new parts hold.
     The parameter is a new object: autograd remembers the shape of a leaf it
     has seen, so resizing ``.data`` in place breaks the next backward pass.
-    `rebind_optimizer` points an optimizer at the new objects.
+    `arbor.optim.carry_over` points an optimizer at the new objects.
     """
     param: nn.Parameter = getattr(module, attr)
     old = param.data
@@ -161,23 +161,6 @@ def following(optimizer):
         yield optimizer
     finally:
         _OPTIMIZER.reset(token)
-
-
-def rebind_optimizer(optimizer: torch.optim.Optimizer, event: GrowthEvent) -> None:
-    """Point ``optimizer`` at the parameters that replaced grown ones, moving their state along.
-
-    The state still has the old shapes; `arbor.optim.carry_over` resizes it.
-    """
-    swap = {}
-    for info in event.resized.values():
-        old = info.old_param() if info.old_param is not None else None
-        if old is not None:
-            swap[id(old)] = (old, info.new_param)
-    for group in optimizer.param_groups:
-        group["params"] = [swap[id(p)][1] if id(p) in swap else p for p in group["params"]]
-    for old, new in swap.values():
-        if old in optimizer.state:
-            optimizer.state[new] = optimizer.state.pop(old)
 
 
 def _normal(std: float):

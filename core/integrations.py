@@ -52,7 +52,6 @@ cannot rebuild; so::
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +62,7 @@ from pydantic import ValidationError
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from arbor.compat import GradientCheckpointingLayer, copy_checkpointing
-from arbor.growable import parse_growth_spec
+from arbor.growth_step import GrowthStep, describe_growth, parse_growth_spec
 from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
 from arbor_plugins.settings import describe_validation_error
 
@@ -190,6 +188,10 @@ class GrowthCallback(TrainerCallback, ExportableState):
             self.freeze_settings = self.selection.settings("freeze_policy")
         self.init, self.insertion_policy = init, insertion_policy
         self.new_param_lr_multiplier, self.warmup_steps = float(new_param_lr_multiplier), int(warmup_steps)
+        self._growth_step = GrowthStep(plugins=self.selection, growth=self.growth, init=init,
+                                       insertion_policy=insertion_policy, freeze_policy=self.freeze,
+                                       freeze_settings=self.freeze_settings,
+                                       new_param_lr_multiplier=new_param_lr_multiplier, warmup_steps=warmup_steps)
         self.log_path = Path(log_path) if log_path is not None else None
         self.seq_len, self.probe_batch, self.echo = seq_len, probe_batch, echo
         # What ExportableState needs to rebuild this callback (JSON only: no probe batch, no echo).
@@ -305,46 +307,16 @@ class GrowthCallback(TrainerCallback, ExportableState):
     # ---------------------------------------------------------------- growth
     def grow(self, decision, step: int, tokens: int, optimizer, scheduler) -> dict[str, Any]:
         """Take one growth step now; returns the record that is logged."""
-        model = self._model
-        # The trigger's step, else the callback's, else the config's, else Arbor's (4 layers at the middle).
-        spec = next((s for s in (decision.growth, self.growth, model.config.growth) if s is not None),
-                    {"axis": "depth", "num_layers": 4})
-        spec = dict(spec)
-        if self.init and "init" not in spec:
-            spec["init"] = self.init
-        if self.insertion_policy and spec.get("axis", "depth") == "depth" and "policy" not in spec \
-                and "positions" not in spec:
-            spec["policy"] = self.insertion_policy
-        params_before, layers_before = _count(model), model.config.num_hidden_layers
-        before = self._probe_loss()
-        started = time.perf_counter()
-        event = model.grow(spec, plugins=self.selection, optimizer=optimizer, scheduler=scheduler,
-                           new_param_lr_multiplier=self.new_param_lr_multiplier, warmup_steps=self.warmup_steps)
-        seconds = time.perf_counter() - started
-        event.reason = decision.reason
-        _checkpoint_new_layers(model)
-        frozen = []
-        if self.freeze is not None:
-            frozen = self.freeze.apply(model, event, self.freeze_settings, optimizer=optimizer)
-        after = self._probe_loss()
-        self.trigger.grew(step, tokens, model, event)
-        summary = event.summary()
-        summary.pop("resized", None)
-        record = {"event": "growth", "step": step, "tokens": tokens, "trigger": self.trigger_name, "spec": spec,
-                  **summary, "loss_before": before, "loss_after": after, "seconds": seconds,
-                  "params_before": params_before, "params": _count(model), "layers_before": layers_before,
-                  "layers": model.config.num_hidden_layers, "frozen": len(frozen),
-                  "param_groups": len(optimizer.param_groups)}
+        result = self._growth_step(self._model, decision.growth, optimizer=optimizer, scheduler=scheduler,
+                                   probe=self._probe_loss, reason=decision.reason, step=step, tokens=tokens,
+                                   trigger=self.trigger)
+        record = {**result.record, "trigger": self.trigger_name}
         self.history.append(record)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        probe = "" if before is None else f"; probe loss {before:.4f} -> {after:.4f}"
-        exact = "exact" if event.exact else "not exact"
-        self._echo(f"step {step}: grew {event.axis} ({event.init}, {exact}): {params_before:,} -> "
-                   f"{record['params']:,} params, {layers_before} -> {record['layers']} layers{probe}; "
-                   f"because {decision.reason}")
+        self._echo(describe_growth(record))
         return record
 
     @torch.no_grad()
@@ -390,22 +362,6 @@ class GrowthCallback(TrainerCallback, ExportableState):
             except Exception:  # iterable datasets, other layouts: no estimate
                 return 0
         return int(seq_len) * args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _checkpoint_new_layers(model) -> None:
-    """Give inserted layers the gradient checkpointing the Trainer switched on for the others.
-
-    ``gradient_checkpointing_enable`` flags the layers that exist when it runs;
-    a layer inserted later would otherwise keep every activation.
-    """
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    on = next((m for m in layers if m.gradient_checkpointing), None)
-    if on is not None:
-        copy_checkpointing(on, [m for m in layers if not m.gradient_checkpointing])
 
 
 # ---------------------------------------------------------------------- resume

@@ -227,7 +227,10 @@ def carry_over(
     warmup_steps: int = 0,
     scheduler=None,
 ) -> dict[str, Any]:
-    """Update ``optimizer`` (and ``scheduler``) in place after the growth step ``event``.
+    """Update ``optimizer`` (and ``scheduler``) in place after the growth step ``event``; once per event.
+
+    `arbor.growth_step.GrowthStep` calls it for every growth; a second call on
+    the same event would apply the event's moment scales twice.
 
     Works whether the growth operator kept each `nn.Parameter` object or replaced
     it (then ``ResizedParameter.old_param`` names the object the optimizer still
@@ -256,12 +259,7 @@ def carry_over(
         state = optimizer.state.get(new)
         if not state:
             continue
-        # Scales and copies apply once per event, even if carry_over runs twice.
-        done = event.__dict__.setdefault("_arbor_moments_done", set())
         scales, sources = event.moment_scales.get(name), getattr(event, "moment_sources", {}).get(name)
-        if name in done:
-            scales = sources = None
-        done.add(name)
         keys, odd = _resize_state(state, info, scales, sources)
         if odd:
             odd_all[name] = odd

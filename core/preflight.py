@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from arbor.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
 from arbor.data import NAMED_CORPORA
-from arbor.growable import parse_growth_spec
+from arbor.growth_step import parse_growth_spec
 from arbor.growth import GrowthError
 from arbor.plugins import get_registry
 from arbor.train import trigger_choice

@@ -39,6 +39,7 @@ from arbor.checkpointing import (
     set_rng_state,
 )
 from arbor.flops import FlopCounter
+from arbor.growth_step import GrowthStep, describe_growth
 from arbor.optim import step_warmup
 from arbor.tokenizer import encode
 
@@ -224,8 +225,13 @@ class Trainer:
         trigger, settings = self._component("trigger", name, trigger_settings)
         self.trigger_name = name or self.selection.name("trigger")
         self.trigger = trigger.start(self.model, settings)
-        self.freeze_policy, self.freeze_settings = self._component("freeze_policy", g.freeze_policy,
-                                                                   g.freeze_settings)
+        freeze_policy, freeze_settings = self._component("freeze_policy", g.freeze_policy, g.freeze_settings)
+        # bf16 autocast rounds differently once shapes change, even for a function-preserving step.
+        tolerance = max(g.exact_tolerance, 1e-2 if self.config.bf16 else 0.0)
+        self.growth_step = GrowthStep(plugins=self.selection, init=g.init, insertion_policy=g.insertion_policy,
+                                      freeze_policy=freeze_policy, freeze_settings=freeze_settings,
+                                      new_param_lr_multiplier=g.new_param_lr_multiplier, warmup_steps=g.warmup_steps,
+                                      exact_tolerance=tolerance)
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> None:
@@ -296,53 +302,21 @@ class Trainer:
 
     def grow(self, decision) -> dict[str, Any]:
         """Take one growth step now; returns the record written to ``metrics.jsonl``."""
-        g = self.config.growth
-        spec = dict(decision.growth or self.model.config.growth or {"axis": "depth", "num_layers": 4})
-        if g.init and "init" not in spec:
-            spec["init"] = g.init
-        if g.insertion_policy and spec.get("axis", "depth") == "depth" and "policy" not in spec \
-                and "positions" not in spec:
-            spec["policy"] = g.insertion_policy
-        params_before, layers_before = self.num_parameters(), self.model.config.num_hidden_layers
-        before = self._probe_loss()
-        started = time.perf_counter()
-        event = self.model.grow(spec, plugins=self.selection, optimizer=self.optimizer,
-                                new_param_lr_multiplier=g.new_param_lr_multiplier, warmup_steps=g.warmup_steps)
-        seconds = time.perf_counter() - started
-        event.reason = decision.reason
-        frozen = []
-        if self.freeze_policy is not None:
-            frozen = self.freeze_policy.apply(self.model, event, self.freeze_settings, optimizer=self.optimizer)
-        after = self._probe_loss()
-        self.trigger.grew(self.step, self.tokens, self.model, event)
-        record = {
-            "event": "growth", "step": self.step, "tokens": self.tokens, "spec": spec, **event.summary(), "loss_before": before, "loss_after": after, "seconds": seconds,
-            "params_before": params_before, "params": self.num_parameters(),
-            "layers_before": layers_before, "layers": self.model.config.num_hidden_layers, "frozen": len(frozen),
-        }
-        record.pop("resized", None)
-        broken = event.exact and not self._same_loss(before, after)
-        if broken:  # the init scheme promised an unchanged function; the probe says otherwise
-            record["exact"], record["claimed_exact"] = False, True
+        result = self.growth_step(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
+                                  reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger)
+        record = {**result.record, "trigger": self.trigger_name}
         self.history.append(record)
         self._log(record)
-        if broken:
-            message = (f"step {self.step}: init scheme {event.init!r} claims an exact growth step, but the probe "
-                       f"loss moved {before:.6f} -> {after:.6f} (more than exact_tolerance="
-                       f"{g.exact_tolerance:g} relative); logged as not exact")
+        if record.get("claimed_exact"):  # the init scheme promised an unchanged function; the probe says otherwise
+            g = self.config.growth
+            message = (f"step {self.step}: init scheme {record['init']!r} claims an exact growth step, but the "
+                       f"probe loss moved {record['loss_before']:.6f} -> {record['loss_after']:.6f} (more than "
+                       f"exact_tolerance={g.exact_tolerance:g} relative); logged as not exact")
             if g.exactness == "error":
                 raise TrainingStopped(message.replace("; logged as not exact", "; stopped (growth.exactness=error)"))
             self.echo(f"warning: {message}")
-        exact = "exact" if record["exact"] else "not exact"
-        self.echo(f"step {self.step}: grew {event.axis} ({event.init}, {exact}): {params_before:,} -> "
-                  f"{record['params']:,} params, {layers_before} -> {record['layers']} layers; probe loss "
-                  f"{before:.4f} -> {after:.4f}; because {decision.reason}")
+        self.echo(describe_growth(record))
         return record
-
-    def _same_loss(self, before: float, after: float) -> bool:
-        # bf16 autocast rounds differently once shapes change, even for a function-preserving step.
-        tolerance = max(self.config.growth.exact_tolerance, 1e-2 if self.config.bf16 else 0.0)
-        return abs(after - before) <= tolerance * max(1.0, abs(before))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

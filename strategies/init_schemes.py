@@ -225,6 +225,7 @@ class _Mask:
     def __init__(self, module, side: str, index: torch.Tensor | None, ramp: _Ramp, event):
         self.module, self.side, self.index, self.ramp = module, side, index, ramp
         self.created_by = weakref.ref(event)  # not id(): ids of dead events are reused
+        self.followed = self.created_by  # the last growth step whose permutation `remap_masks` applied
         module._arbor_masks = [*getattr(module, "_arbor_masks", []), self]  # so split can see what is ramping
         if side == "in":
             ramp.handles.append(module.register_forward_pre_hook(lambda m, args: (self.apply(args[0]), *args[1:])))
@@ -289,15 +290,13 @@ def bake_masks(model) -> int:
 def remap_masks(model, event) -> None:
     """Follow masked positions when a later growth step permutes units (head growth does).
 
-    Runs once per event: from the ``arbor_grow_width`` hook, or earlier from an
-    init scheme of this module that needs current positions.
+    Called from the ``arbor_grow_width`` hook, and earlier from an init scheme
+    of this module that needs current positions; each mask follows an event once.
     """
-    if not getattr(model, "_arbor_masks", None) or getattr(event, "_arbor_masks_remapped", False):
-        return
-    event._arbor_masks_remapped = True
     for mask in getattr(model, "_arbor_masks", []):
-        if mask.index is None or mask.created_by() is event:
+        if mask.index is None or mask.created_by() is event or mask.followed() is event:
             continue
+        mask.followed = weakref.ref(event)
         weight = getattr(mask.module, "weight", None)
         for info in event.resized.values():
             if info.new_param is weight:

@@ -70,13 +70,13 @@ def test_infinite_or_nan_settings_are_refused(setting):
         TrainConfig.model_validate({key: float(value)})
 
 
-def _perturbing(grow):
-    """``model.grow`` that returns an event claiming exactness but changes the function."""
+def _perturbing(operate):
+    """A growth step's operator that returns an event claiming exactness but changes the function."""
 
-    def wrapped(*args, **kwargs):
-        event = grow(*args, **kwargs)
+    def wrapped(model, *args, **kwargs):
+        event = operate(model, *args, **kwargs)
         with torch.no_grad():
-            grow.__self__.model.norm.weight.mul_(1.5)
+            model.model.norm.weight.mul_(1.5)
         return event
 
     return wrapped
@@ -92,7 +92,7 @@ def test_a_growth_step_that_breaks_its_exactness_claim_is_logged_as_not_exact(tm
     lines = []
     run = trainer(tmp_path, echo=lines.append)
     run.fit(until=2)
-    run.model.grow = _perturbing(run.model.grow)
+    run.growth_step._operate = _perturbing(run.growth_step._operate)
     record = run.grow(_Grow())
     assert record["exact"] is False and record["claimed_exact"] is True and record["init"] == "zero"
     assert any(line.startswith("warning:") and "claims an exact growth step" in line for line in lines)
@@ -103,7 +103,7 @@ def test_exactness_error_mode_stops_the_run(tmp_path):
     run = trainer(tmp_path, growth={"trigger": "schedule", "trigger_settings": {"steps": [100]},
                                     "exactness": "error"})
     run.fit(until=2)
-    run.model.grow = _perturbing(run.model.grow)
+    run.growth_step._operate = _perturbing(run.growth_step._operate)
     with pytest.raises(TrainingStopped, match="growth.exactness=error"):
         run.grow(_Grow())
 
