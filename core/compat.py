@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
@@ -51,6 +52,7 @@ __all__ = [
     "CausalLMOutputWithPast",
     "DynamicCache",
     "GradientCheckpointingLayer",
+    "LlamaRMSNorm",
     "LlamaRotaryEmbedding",
     "accepts_cache_kwarg",
     "layer_accepts_cache_kwarg",

@@ -503,12 +503,3 @@ def widen_hidden(model, hidden_size: int, *, init: Any = "zero", init_settings: 
     config.hidden_size = d_new
     config.rms_norm_eps = config.rms_norm_eps * ratio
     return _fire(model, event, scheme)
-
-
-def __getattr__(name: str):
-    # The model methods moved to arbor.growable; keep the old import path working.
-    if name == "GrowableMixin":
-        from arbor.growable import GrowableMixin
-
-        return GrowableMixin
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

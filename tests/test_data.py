@@ -1,8 +1,7 @@
-"""Corpora, the train/validation split, token packing and resumable batches (`arbor.data`)."""
+"""Corpora, the train/validation split, token packing and the training batch order (`arbor.data`)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
@@ -12,14 +11,10 @@ import torch
 
 from arbor.data import (
     MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT,
-    Batches,
     DataError,
     PackedDataset,
-    batch_indices,
-    batches,
+    batch_at,
     builtin_corpus,
-    epoch_order,
-    eval_batches,
     load_corpus,
     split_documents,
     tokenize_documents,
@@ -239,58 +234,21 @@ def dataset(corpus, tokenizer):
     return PackedDataset.from_documents(corpus[:30], tokenizer, seq_len=16)
 
 
-def test_batches_are_deterministic_and_cover_each_epoch(dataset):
-    stream = batches(dataset, batch_size=4, seed=3)
-    per_epoch = stream.steps_per_epoch
-    first = [next(stream)["input_ids"] for _ in range(per_epoch)]
-    assert all(b.shape == (4, 16) for b in first)
-    again = [b["input_ids"] for b in itertools.islice(batches(dataset, 4, seed=3), per_epoch)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    # One epoch visits distinct blocks; the next epoch is another order.
-    order = epoch_order(len(dataset), 3, 0)
-    assert sorted(order.tolist()) == list(range(len(dataset)))
-    assert not torch.equal(order, epoch_order(len(dataset), 3, 1))
-    assert not torch.equal(order, epoch_order(len(dataset), 4, 0))
-    assert stream.state_dict()["position"] == per_epoch
-    assert torch.equal(next(stream)["input_ids"], dataset.batch(epoch_order(len(dataset), 3, 1)[:4])["input_ids"])
-    assert stream.epoch == 1 and stream.step == per_epoch + 1
+def test_batch_at_is_the_trainers_order_and_visits_each_block_once_per_epoch(dataset):
+    import arbor.train
 
-
-def test_resuming_mid_run_gives_the_same_batches(dataset):
-    uninterrupted = batches(dataset, 8, seed=0)
-    expected = [next(uninterrupted)["input_ids"] for _ in range(3 * uninterrupted.steps_per_epoch)]
-    for stop in (1, uninterrupted.steps_per_epoch, uninterrupted.steps_per_epoch + 2):
-        first = batches(dataset, 8, seed=0)
-        for _ in range(stop):
-            next(first)
-        state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
-        resumed = batches(dataset, 8, seed=0)
-        resumed.load_state_dict(state)
-        rest = [next(resumed)["input_ids"] for _ in range(len(expected) - stop)]
-        assert all(torch.equal(a, b) for a, b in zip(rest, expected[stop:]))
-        # The pure function of the step agrees with the stream.
-        indices = batch_indices(len(dataset), 8, 0, stop)
-        assert torch.equal(dataset.batch(indices)["input_ids"], expected[stop])
-    started = batches(dataset, 8, seed=0, epoch=1, position=2)
-    assert torch.equal(next(started)["input_ids"], expected[started.steps_per_epoch + 2])
-
-
-def test_resume_refuses_other_data_or_settings(dataset):
-    state = Batches(dataset, 8, seed=0).state_dict()
-    with pytest.raises(DataError, match="saved state has seed=0, this stream has seed=1"):
-        Batches(dataset, 8, seed=1).load_state_dict(state)
-    with pytest.raises(DataError, match="batch_size=8, this stream has batch_size=4"):
-        Batches(dataset, 4, seed=0).load_state_dict(state)
-    with pytest.raises(DataError, match="position"):
-        Batches(dataset, 8, seed=0, position=10**6)
-    with pytest.raises(DataError, match=r"batch_size=\d+ is larger than the \d+ blocks"):
-        batches(dataset, len(dataset) + 1)
-
-
-def test_eval_batches_visit_every_block_in_order(dataset):
-    got = list(eval_batches(dataset, 7))
-    assert [len(b["input_ids"]) for b in got[:-1]] == [7] * (len(got) - 1) and 1 <= len(got[-1]["input_ids"]) <= 7
-    assert torch.equal(torch.cat([b["input_ids"] for b in got]), dataset.batch(range(len(dataset)))["input_ids"])
+    assert arbor.train.batch_at is batch_at
+    first = [batch_at(dataset.blocks, i, 4, seed=3) for i in range(5)]
+    assert all(b.shape == (4, 16) and b.dtype == dataset.blocks.dtype for b in first)
+    assert all(torch.equal(a, batch_at(dataset.blocks, i, 4, seed=3)) for i, a in enumerate(first))
+    # Blocks holding their own index: the first n rows drawn are one epoch, each block once;
+    # the next epoch is another order, and another seed another pass.
+    n = 30
+    index = torch.arange(n).view(n, 1)
+    drawn = torch.cat([batch_at(index, i, 4, seed=3) for i in range(2 * n // 4)]).view(-1).tolist()
+    assert sorted(drawn[:n]) == list(range(n)) and sorted(drawn[n : 2 * n]) == list(range(n))
+    assert drawn[n : 2 * n] != drawn[:n]
+    assert batch_at(index, 0, 8, seed=4).view(-1).tolist() != drawn[:8]
 
 
 # --------------------------------------------------------------------------- the standard-library corpus
