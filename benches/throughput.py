@@ -11,7 +11,10 @@ code. Three metrics:
 3. statistics overhead: the arbor training step with ``stats_interval = 1``
    (every forward, the worst case) and a plugin implementing
    ``arbor_pre_forward_stats`` that accumulates mean |h| on the device, against
-   the same model with statistics off.
+   the same model with statistics off;
+4. with ``--compile``: the training step of ``torch.compile``-d arbor (``fullgraph=True``)
+   against eager Llama and against Llama compiled the same way, timed in one alternation
+   (compile time is spent in the warm-up, not timed).
 
 Method: warm-up first; then each round runs A and B back to back (the order
 flips every round, A B / B A, so neither side always runs on a warmer cache);
@@ -24,6 +27,7 @@ took the cores) is re-run, and reported as disturbed.
     python benches/throughput.py                       # CPU: ~40 s on two cores
     python benches/throughput.py --device cuda --dtype bfloat16 --preset bench-large
     python benches/throughput.py --json runs/throughput.json
+    python benches/throughput.py --metrics training --compile   # + compiled rows (inductor: minutes to compile on a CPU)
 """
 
 from __future__ import annotations
@@ -245,6 +249,34 @@ def bench_training(arbor, llama, args, config, batches) -> dict[str, Any]:
     return summarise(times, args.batch * args.seq, "arbor", "llama")
 
 
+def bench_compiled(arbor, llama, args, batches) -> dict[str, Any]:
+    """Compiled arbor against eager Llama and compiled Llama, alternated in the same rounds."""
+    arbor.train()
+    llama.train()
+    options = {"fullgraph": True, "backend": args.compile_backend}
+    if args.compile_mode:
+        options["mode"] = args.compile_mode
+    runs = {
+        "arbor_compiled": make_train_step(torch.compile(arbor, **options), batches, args.lr),
+        "llama": make_train_step(llama, batches, args.lr),
+        "llama_compiled": make_train_step(torch.compile(llama, **options), batches, args.lr),
+    }
+    started = time.perf_counter()
+    for name in ("arbor_compiled", "llama_compiled"):  # compile (and the first run) outside the timing
+        runs[name]()
+    compile_seconds = time.perf_counter() - started
+    times = alternate(runs, args.rounds, args.steps, args.warmup, args.device, args.noise_cap)
+    tokens = args.batch * args.seq
+    results = {
+        "compiled_vs_llama": summarise(times, tokens, "arbor_compiled", "llama"),
+        "compiled_vs_llama_compiled": summarise(times, tokens, "arbor_compiled", "llama_compiled"),
+    }
+    for result in results.values():
+        result["compile_options"] = {k: str(v) for k, v in options.items()}
+        result["compile_seconds_both"] = compile_seconds
+    return results
+
+
 def bench_stats(arbor, args, batches) -> dict[str, Any]:
     """The same model and optimizer, with ``stats_interval`` switched between 1 and 0."""
     arbor.train()
@@ -315,6 +347,8 @@ def print_table(results: dict[str, Any]) -> None:
         ("training", "arbor", "llama", "arbor/llama"),
         ("generation", "arbor", "llama", "arbor/llama"),
         ("stats", "stats_on", "stats_off", "on/off"),
+        ("compiled_vs_llama", "arbor_compiled", "llama", "arbor-compiled/llama"),
+        ("compiled_vs_llama_compiled", "arbor_compiled", "llama_compiled", "arbor-compiled/llama-compiled"),
     ):
         if metric not in results:
             continue
@@ -325,7 +359,7 @@ def print_table(results: dict[str, Any]) -> None:
         if r["rounds_disturbed"]:
             extra += f"  [{r['rounds_disturbed']} disturbed rounds re-run]"
         rows.append(
-            f"{metric:<11} {a:>9} {tps[a]:>11,.0f} tok/s   {b:>9} {tps[b]:>11,.0f} tok/s   "
+            f"{metric.split('_vs_')[0]:<11} {a:>9} {tps[a]:>11,.0f} tok/s   {b:>9} {tps[b]:>11,.0f} tok/s   "
             f"{label} {r['ratio']:.3f}x  (paired {mid:.3f}, IQR {lo:.3f}-{hi:.3f}; "
             f"best-of {r['ratio_of_minimums']:.3f}){extra}"
         )
@@ -361,6 +395,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="training,generation,stats", help="comma-separated subset to run")
     p.add_argument("--json", metavar="PATH", help="write every measurement and the environment here")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the training step of torch.compile-d arbor against eager and compiled Llama")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. max-autotune)")
     args = p.parse_args(argv)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = set(args.metrics) - {"training", "generation", "stats"}
@@ -409,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         results["generation"] = bench_generation(arbor, llama, args, config)
     if "training" in args.metrics:
         results["training"] = bench_training(arbor, llama, args, config, batches)
+    if args.compile:  # before the stats metric, which frees Llama
+        results.update(bench_compiled(arbor, llama, args, batches))
     if "stats" in args.metrics:
         del llama  # only arbor is timed from here on; free the memory Llama holds
         results["stats"] = bench_stats(arbor, args, batches)

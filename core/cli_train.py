@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from arbor.cli import command
+from arbor_plugins import DEFAULTS
 
 #: Ready-made runs. "default" is what `arbor train` does with no arguments.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -97,6 +98,45 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Settings a resumed run may change with ``--set``: how long it runs and how it reports. Everything
+#: else (data, tokenizer, model, batch, growth, seed) was fixed when the run started.
+RESUMABLE = ("max_steps", "lr", "min_lr_ratio", "grad_clip", "eval_interval", "eval_batches", "log_interval",
+             "save_interval", "keep_checkpoints", "sample_prompt", "sample_tokens", "on_nonfinite", "device",
+             "compile")
+
+
+def resume_config(saved: dict[str, Any], args: argparse.Namespace):
+    """The saved settings of a run being resumed, with the ``--set`` / ``--max-steps`` that may change."""
+    from pydantic import ValidationError
+
+    from arbor.train import TrainConfig
+    from arbor_plugins.settings import describe_validation_error
+
+    if args.config or args.recipe != "default":
+        given = f"CONFIG {args.config}" if args.config else f"--recipe {args.recipe}"
+        raise ValueError(f"{given}: --resume continues the run with its saved settings; change only "
+                         f"{', '.join(RESUMABLE)} with --set")
+    if args.data is not None and args.data != saved.get("data"):
+        raise ValueError(f"--data {args.data}: --resume continues on the run's own data ({saved.get('data')!r}); "
+                         "start a new run (another --out) to train on other data")
+    data = copy.deepcopy(saved)
+    for assignment in args.set or []:
+        key = assignment.partition("=")[0].strip()
+        before = copy.deepcopy(data)
+        apply_override(data, assignment)
+        if key not in RESUMABLE and data != before:  # the value the run already has is no change
+            raise ValueError(f"--set {assignment}: {key} was fixed when the run started and cannot change with "
+                             f"--resume; --set may change: {', '.join(RESUMABLE)}")
+    if args.max_steps is not None:
+        data["max_steps"] = args.max_steps
+    if getattr(args, "compile", False):
+        data["compile"] = True
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"config: {describe_validation_error(exc)}") from None
+
+
 def build_config(args: argparse.Namespace):
     from pydantic import ValidationError
 
@@ -114,6 +154,8 @@ def build_config(args: argparse.Namespace):
         data["data"] = args.data
     if args.max_steps is not None:
         data["max_steps"] = args.max_steps
+    if getattr(args, "compile", False):
+        data["compile"] = True
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
@@ -163,10 +205,11 @@ def _substrate_tokenizer(config):
 
 
 def build_model(config, tokenizer, selection=None):
-    """The model ``config.model`` describes; ``plugins.toml``'s [substrate] and [attention_backend]
-    apply where the model settings name none."""
+    """The model ``config.model`` describes; ``plugins.toml``'s [substrate], [attention_backend] and
+    [rope_scaling] apply where the model settings name none."""
     from arbor.config import ArborConfig
     from arbor.modeling import ArborForCausalLM
+    from arbor.plugins_toml import apply_rope_scaling
 
     spec = dict(config.model)
     preset = spec.pop("preset", "tiny")
@@ -179,7 +222,9 @@ def build_model(config, tokenizer, selection=None):
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     model_config = ArborConfig.from_preset(preset, **{**spec, **ids})
-    return ArborForCausalLM._from_config(model_config, attn_implementation=attn or "sdpa")
+    if "rope_parameters" not in spec and "rope_scaling" not in spec:
+        apply_rope_scaling(model_config, selection)  # into the config, so the saved model carries it
+    return ArborForCausalLM._from_config(model_config, attn_implementation=attn or DEFAULTS["attention_backend"])
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,6 +239,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/arbor", help="run directory (default: runs/arbor)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (recompiled after each growth step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--check", action="store_true",
                    help="only check the settings (all problems at once) and print the resolved run")
@@ -207,7 +254,7 @@ def train_command(args: argparse.Namespace) -> int:
     from arbor.plot import plot_run
     from arbor.preflight import check_run
     from arbor.plugins_toml import load_plugins_toml
-    from arbor.train import TrainConfig, Trainer, truncate_metrics
+    from arbor.train import Trainer, truncate_metrics
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -229,9 +276,7 @@ def train_command(args: argparse.Namespace) -> int:
         args.config, args.recipe, args.set = str(out / "train_config.json"), "default", []
     if resume_from is not None:
         saved, _ = load_trainer_state(resume_from)
-        config = TrainConfig.model_validate(saved["config"])
-        if args.max_steps is not None:
-            config = config.model_copy(update={"max_steps": args.max_steps})
+        config = resume_config(saved["config"], args)
     else:
         config = build_config(args)
     resolved = check_run(config, selection)  # every problem now, before data, tokenizer or model

@@ -1,13 +1,13 @@
 """The arbor model: a Llama-class decoder whose sizes may differ per layer.
 
-Read top to bottom: norm, rotary embedding, MLP, attention, block, model, LM.
+Read top to bottom: rotary embedding, MLP, attention, block, model, LM.
 Parameter names follow the Llama layout exactly (``model.embed_tokens``,
 ``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_proj``, ...), so
 peft targets, weight tools and the Llama export speak the same names.
 
-What transformers already maintains is reused rather than rewritten: the
-attention function interface (eager, sdpa, flex, flash), mask creation, RoPE
-init functions, ``DynamicCache``, ``GenerationMixin`` and the loss.
+What transformers already maintains is reused rather than rewritten: Llama's
+RMSNorm, the attention function interface (eager, sdpa, flex, flash), mask
+creation, RoPE init functions, ``DynamicCache``, ``GenerationMixin`` and the loss.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from arbor.compat import (
     CausalLMOutputWithPast,
     DynamicCache,
     GradientCheckpointingLayer,
+    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     accepts_cache_kwarg,
     apply_rotary_pos_emb,
@@ -42,25 +43,6 @@ from arbor.compat import (
 from arbor.config import ArborConfig
 from arbor.freezing import FreezableMixin
 from arbor.growable import GrowableMixin
-
-
-class ArborRMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32 like Llama's."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
 class ArborRotaryEmbedding(LlamaRotaryEmbedding):
@@ -176,8 +158,8 @@ class ArborDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = ArborAttention(config, layer_idx)
         self.mlp = ArborMLP(config, config.layer_intermediate_sizes[layer_idx])
-        self.input_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @compat.layer_accepts_cache_kwarg
     def forward(
@@ -276,6 +258,62 @@ def build_substrate(config: ArborConfig) -> nn.Module:
     return component.build(config, settings)
 
 
+class _StatsCollection:
+    """The hooks of one forward that collects statistics: a pre-hook on every layer that passes the
+    layer's input to ``arbor_pre_forward_stats``, and a hook that removes them all when the forward
+    ends (also when it raises). Layers are read at the start of each collecting forward, so layers a
+    growth step inserted are observed too."""
+
+    def __init__(self, decoder: ArborModel, step: int):
+        self.decoder, self.step = decoder, step
+        self.seen: set[int] = set()
+        self.handles = [
+            # First among the layer's pre-hooks: the input as the block receives it.
+            layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True, prepend=True)
+            for i, layer in enumerate(decoder.layers)
+        ]
+        self.handles.append(decoder.register_forward_hook(self._finish, always_call=True))
+        decoder._stats_collection = self
+
+    def _layer_hook(self, layer_idx: int) -> Callable:
+        def hook(module, args, kwargs) -> None:  # returns nothing: the layer's input is left as it is
+            # Once per layer and forward; a layer run again in the same forward is not counted twice.
+            if torch.compiler.is_compiling() or layer_idx in self.seen:
+                return
+            self.seen.add(layer_idx)
+            from arbor.plugins import call_hook
+
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            call_hook("arbor_pre_forward_stats", model=self.decoder, layer_idx=layer_idx,
+                      hidden_states=hidden_states.detach(), step=self.step)
+
+        return hook
+
+    def _finish(self, module, args, output) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if self.decoder.__dict__.get("_stats_collection") is self:
+            del self.decoder._stats_collection
+
+
+def _count_stats_forward(decoder: ArborModel, args) -> None:
+    """Forward pre-hook of the decoder while ``stats_interval`` > 0: counts training forwards and hooks
+    the layers of a forward that collects. Under ``torch.compile`` it does nothing, so a compiled
+    graph holds no statistics code (`CompiledForward` runs the collecting forwards eagerly)."""
+    if torch.compiler.is_compiling():
+        return
+    stale = decoder.__dict__.get("_stats_collection")
+    if stale is not None:  # left by a forward that could not finish its hooks
+        stale.remove()
+    step = decoder._next_stats_step()
+    if step is not None:
+        _StatsCollection(decoder, step)
+
+
 class ArborModel(ArborPreTrainedModel):
     """The decoder stack without the LM head."""
 
@@ -283,30 +321,47 @@ class ArborModel(ArborPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = build_substrate(config)
         self.layers = nn.ModuleList(ArborDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = ArborRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ArborRotaryEmbedding(config)
         self.gradient_checkpointing = False
-        #: Collect activation statistics every this many training forwards (0: never).
-        self.stats_interval = 0
+        # Statistics are gathered by module hooks, never by `forward` itself: while
+        # ``stats_interval`` is positive one pre-hook on this module counts training forwards,
+        # and a forward that collects gets per-layer hooks for its own duration (`_StatsCollection`).
+        self._stats_interval = 0
+        self._stats_counter = None  # the handle of that pre-hook while stats_interval > 0
         #: Training forwards seen so far; the ``step`` passed to the stats hook.
         self.stats_step = 0
         self.post_init()
 
-    def _stats_hook(self) -> Callable | None:
-        """The stats hook caller if this forward collects statistics, else None."""
-        if not (self.training and self.stats_interval > 0):
+    @property
+    def stats_interval(self) -> int:
+        """Collect activation statistics every this many training forwards (0: never)."""
+        return self._stats_interval
+
+    @stats_interval.setter
+    def stats_interval(self, value: int) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"stats_interval={value!r} is invalid: must be an integer >= 0 (0 switches it off)")
+        self._stats_interval = value
+        if value and self._stats_counter is None:
+            self._stats_counter = self.register_forward_pre_hook(_count_stats_forward)
+        elif not value and self._stats_counter is not None:
+            self._stats_counter.remove()
+            self._stats_counter = None
+
+    def _next_stats_step(self, count: bool = True) -> int | None:
+        """The ``step`` of the next forward if it collects statistics, else None; ``count``
+        counts it as a training forward (``stats_step``)."""
+        if not (self.training and self._stats_interval > 0):
             return None
         step = self.stats_step
-        self.stats_step += 1
-        if step % self.stats_interval:
+        if count:
+            self.stats_step += 1
+        if step % self._stats_interval:
             return None
-        from arbor.plugins import call_hook, has_hook_impls
+        from arbor.plugins import has_hook_impls
 
-        if not has_hook_impls("arbor_pre_forward_stats"):
-            return None
-        return lambda i, h: call_hook(
-            "arbor_pre_forward_stats", model=self, layer_idx=i, hidden_states=h.detach(), step=step
-        )
+        return step if has_hook_impls("arbor_pre_forward_stats") else None
 
     @accepts_cache_kwarg
     @merge_with_config_defaults
@@ -341,10 +396,7 @@ class ArborModel(ArborPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        stats = self._stats_hook()
-        for layer_idx, decoder_layer in enumerate(self.layers):
-            if stats is not None:
-                stats(layer_idx, hidden_states)
+        for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
@@ -440,9 +492,31 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, Gene
 
     @stats_interval.setter
     def stats_interval(self, value: int) -> None:
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"stats_interval={value!r} is invalid: must be an integer >= 0 (0 switches it off)")
         self.model.stats_interval = value
+
+
+class CompiledForward:
+    """``torch.compile(model, **options)`` as a callable that keeps activation statistics.
+
+    The statistics hooks step aside while dynamo traces, so a compiled graph holds no statistics
+    code (``fullgraph=True`` works with ``stats_interval`` on) and a model compiled with plain
+    ``torch.compile`` collects none. This callable runs the training forwards that collect
+    (every ``stats_interval``-th) on the eager model, where the hooks fire exactly as without
+    compilation, and all others through the compiled graph, counting them in ``stats_step``: the
+    statistics are those of an eager run. ``model`` stays the real module (growth, saving,
+    evaluation use it); after the model's structure changes, build a new one.
+    """
+
+    def __init__(self, model: nn.Module, **options):
+        self.model = model
+        self.compiled = torch.compile(model, **options)
+
+    def __call__(self, *args, **kwargs):
+        decoder = self.model.model if hasattr(self.model, "lm_head") else self.model
+        if decoder._next_stats_step(count=False) is not None:
+            return self.model(*args, **kwargs)  # eager: the hooks count this forward and collect
+        decoder._next_stats_step()  # counted here: the compiled graph does not count
+        return self.compiled(*args, **kwargs)
 
 
 def count_parameters(config: ArborConfig) -> int:

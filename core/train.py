@@ -17,7 +17,6 @@ new param groups growth adds and a resumed run need no scheduler surgery.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -38,10 +37,13 @@ from arbor.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from arbor.data import batch_at  # the Trainer's batch order; also importable as arbor.train.batch_at
 from arbor.flops import FlopCounter
 from arbor.growth_step import GrowthStep, describe_growth
 from arbor.optim import step_warmup
+from arbor.plugins import component_state, load_component_state
 from arbor.tokenizer import encode
+from arbor_plugins import DEFAULTS
 
 
 class TrainingStopped(RuntimeError):
@@ -98,6 +100,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(1000, ge=1)
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: Train through ``torch.compile`` (`arbor.modeling.CompiledForward`; statistics as in an eager
+    #: run); the compiled graphs are dropped after each growth step and rebuilt on the next step.
+    compile: bool = False
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(16, ge=1)
     log_interval: int = Field(10, ge=1)
@@ -151,7 +156,7 @@ def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dic
     g = config.growth
     name, settings = g.trigger, dict(g.trigger_settings)
     if name is None and not (selection is not None and selection.name("trigger")):
-        name = "schedule"  # the default: DEFAULT_GROWTH, unless the config names the step
+        name = DEFAULTS["trigger"]  # the schedule trigger: DEFAULT_GROWTH, unless the config names the step
         if g.step is None:
             settings.setdefault("growth", [dict(step) for _, step in DEFAULT_GROWTH])
     if name == "schedule" and "steps" not in settings and "tokens" not in settings:
@@ -162,29 +167,11 @@ def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dic
     return name, settings
 
 
-def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Batch number ``index`` of an endless, epoch-wise shuffled pass over ``blocks``.
-
-    A pure function of its arguments, so a resumed run draws exactly the
-    batches the uninterrupted run would have drawn.
-    """
-    n = blocks.shape[0]
-    rows = []
-    for k in range(index * batch_size, (index + 1) * batch_size):
-        epoch, pos = divmod(k, n)
-        rows.append(int(_epoch_order(n, seed, epoch)[pos]))
-    return blocks[rows]
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    # Drawn once per epoch rather than once per row (a 30,000-block permutation costs ~0.7 ms);
-    # still a pure function of its arguments. Read only: the cached tensor is shared.
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 class Trainer:
     """One training run in ``out_dir``: metrics, checkpoints, growth events."""
+
+    #: Keyword arguments of ``torch.compile`` when ``config.compile`` is on (e.g. ``backend``, ``mode``).
+    compile_options: dict[str, Any] = {}
 
     def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
                  out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print):
@@ -199,6 +186,7 @@ class Trainer:
         self.step, self.tokens, self.history = 0, 0, []
         self.nonfinite_steps = 0
         self.flops = FlopCounter()  # training FLOPs so far, counted from the model of each step
+        self._compiled = None  # the compiled training forward (config.compile), built on first use
         self.device = torch.device(config.device)
         model.to(self.device)
         if config.gradient_checkpointing:
@@ -241,10 +229,20 @@ class Trainer:
             ramp = min(1.0, (warm["done"] + 1) / warm["steps"]) if warm else 1.0
             group["lr"] = self.config.lr * group.get("arbor_lr_multiplier", 1.0) * factor * ramp
 
+    def _training_forward(self):
+        """The model, or with ``config.compile`` its compiled forward (evaluation stays eager)."""
+        if not (self.config.compile and self.model.training):
+            return self.model
+        if self._compiled is None:
+            from arbor.modeling import CompiledForward
+
+            self._compiled = CompiledForward(self.model, **self.compile_options)
+        return self._compiled
+
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            return self.model(batch, labels=batch).loss
+            return self._training_forward()(batch, labels=batch).loss
 
     def train_step(self) -> float:
         c = self.config
@@ -304,6 +302,11 @@ class Trainer:
         """Take one growth step now; returns the record written to ``metrics.jsonl``."""
         result = self.growth_step(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
                                   reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger)
+        if self._compiled is not None:
+            # Its graphs were traced for the old shapes: free them (dynamo's caches are per process)
+            # rather than pile up recompilations; the next training step compiles the grown model.
+            self._compiled = None
+            torch.compiler.reset()
         record = {**result.record, "trigger": self.trigger_name}
         self.history.append(record)
         self._log(record)
@@ -334,7 +337,8 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
-                               tokenizer=self.tokenizer, keep=self.config.keep_checkpoints)
+                               tokenizer=self.tokenizer, keep=self.config.keep_checkpoints,
+                               components=component_state(self.model))
 
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or stop after step ``until``); returns a summary."""
@@ -413,6 +417,9 @@ class Trainer:
         except (OSError, ValueError, RuntimeError) as exc:  # a damaged file without checksums to name it
             raise CheckpointError(f"{checkpoint}: the model cannot be loaded: {str(exc).strip().splitlines()[0]}") \
                 from None
+        # Plugins' state first: it may recreate parameters (LoRA adapters) that the frozen list and the
+        # optimizer's saved groups name.
+        load_component_state(model, tensors.get("components"))
         frozen = set(state.get("frozen", []))
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
