@@ -25,9 +25,10 @@ from arbor_plugins.components import (
     TriggerState,
 )
 from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
-from arbor_plugins.registry import KINDS, ComponentConflictError, Registry, UnknownComponentError
+from arbor_plugins.registry import DEFAULTS, KINDS, ComponentConflictError, Registry, UnknownComponentError
 
 __all__ = [
+    "DEFAULTS",
     "KINDS",
     "PROJECT_NAME",
     "AttentionBackend",

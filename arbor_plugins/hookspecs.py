@@ -46,7 +46,10 @@ def arbor_pre_forward_stats(model: Any, layer_idx: int, hidden_states: torch.Ten
     when ``model.stats_interval`` is positive and ``step`` is a multiple of it.
     ``hidden_states`` is detached; do not modify it in place. Avoid host
     synchronisation (``.item()``, ``.cpu()``) here: accumulate on the device and
-    read the totals when a decision is needed.
+    read the totals when a decision is needed. It fires from module hooks that
+    exist only during a collecting forward, so the model's ``forward`` stays
+    pure; a model under plain ``torch.compile`` collects nothing (use
+    ``arbor.modeling.CompiledForward``, as ``arbor train --compile`` does).
     """
 
 
@@ -74,6 +77,37 @@ def arbor_freeze(model: Any, names: list[str], frozen: bool) -> None:
     """Parameters ``names`` of ``model`` had ``requires_grad`` set to ``not frozen``.
 
     LoRA-style policies attach or detach adapters here.
+    """
+
+
+@hookspec
+def arbor_state_dict(model: Any) -> dict[str, Any] | None:
+    """Return the training state this plugin keeps for ``model``, to be saved in a checkpoint.
+
+    Called each time a training run writes a checkpoint. Return
+    ``{key: state}`` under a key of your own (your package's name, say), or
+    ``None`` when there is nothing to keep. ``state`` may hold tensors,
+    numbers, strings, ``None``, lists and dicts: it is written with
+    ``torch.save`` and read back with ``weights_only=True``, so objects of
+    your own classes are refused. The dicts of all plugins are merged; two
+    plugins returning the same key is an error. What belongs here: whatever
+    a resumed run needs to continue exactly as the uninterrupted one, and the
+    weights alone do not say (masks still ramping in and how far, adapters,
+    windows of statistics). The model weights, the optimizer and the
+    trigger's ``state_dict`` are saved by arbor already.
+    """
+
+
+@hookspec
+def arbor_load_state(model: Any, state: dict[str, Any]) -> None:
+    """Put back what :func:`arbor_state_dict` returned, when a run resumes.
+
+    ``state`` is the merged dict of every plugin: take your own key. A
+    missing key means the checkpoint was written without your plugin's state
+    (an older run, or the plugin was not installed): start afresh. Called
+    after the model's weights are loaded and before the optimizer state is,
+    so parameters your state recreates (LoRA adapters, say) are found by name
+    when the optimizer's saved groups are matched to the model.
     """
 
 

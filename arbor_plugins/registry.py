@@ -26,6 +26,18 @@ KINDS: tuple[str, ...] = (
 )
 
 
+#: The component of each kind that applies when neither the caller nor ``plugins.toml`` names
+#: one: arbor's built-ins. Core reads its defaults from here rather than writing names itself.
+DEFAULTS: dict[str, str] = {
+    "trigger": "schedule",
+    "insertion_policy": "middle",
+    "init_scheme": "zero",
+    "freeze_policy": "none",
+    "substrate": "learned",
+    "attention_backend": "sdpa",
+}
+
+
 class ComponentConflictError(RuntimeError):
     """Two plugins registered a component of the same kind under the same name."""
 

@@ -86,8 +86,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any],
-                    tokenizer=None, keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``."""
+                    tokenizer=None, keep: int = 3, components: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``.
+
+    ``components`` is the plugins' training state (`arbor.plugins.component_state`),
+    saved beside the optimizer state.
+    """
     from transformers.utils import logging as hf_logging
 
     root = Path(run_dir) / "checkpoints"
@@ -104,7 +108,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
             tokenizer.save_pretrained(tmp)
         names = {id(p): n for n, p in model.named_parameters()}
         groups = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / TENSORS)
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "components": components or {}},
+                   tmp / TENSORS)
         state = {**trainer_state, "step": step, "optimizer_groups": groups, "python_rng": _python_rng()}
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
         write_checksums(tmp)
@@ -135,7 +140,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
 
 
 def load_trainer_state(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(trainer_state, tensors)`` of a checkpoint; tensors hold the optimizer state and RNG states."""
+    """``(trainer_state, tensors)`` of a checkpoint; tensors hold the optimizer state, RNG states and
+    the plugins' training state (``"components"``, absent from older checkpoints)."""
     path = Path(checkpoint)
     if not (path / STATE).is_file() or not (path / TENSORS).is_file():
         raise CheckpointError(f"{path} is not a complete training checkpoint (needs {STATE} and {TENSORS})")

@@ -8,6 +8,7 @@ import os
 import shutil
 
 from arbor.cli import TOKENIZER_FILES, _checkpoint_config, command
+from arbor_plugins import DEFAULTS
 
 
 def _load(checkpoint: str):
@@ -81,7 +82,8 @@ def _grow_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--heads", type=int, metavar="N", help="query heads of every layer to N")
     what.add_argument("--hidden", type=int, metavar="N", help="hidden size (d_model) to N")
     p.add_argument("--kv-heads", type=int, metavar="N", help="with --heads: kv heads to N")
-    p.add_argument("--init", default="zero", help="init scheme (default: zero; 'arbor plugins' lists them)")
+    p.add_argument("--init", default=DEFAULTS["init_scheme"],
+                   help=f"init scheme (default: {DEFAULTS['init_scheme']}; 'arbor plugins' lists them)")
     p.add_argument("--policy", help="with --depth: insertion policy (default: the middle)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds what the step draws at random (new layers' attention, split noise); default 0")

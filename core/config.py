@@ -20,6 +20,7 @@ from typing import Any
 from transformers import LlamaConfig, PreTrainedConfig
 
 from arbor.compat import ACT2FN, CACHE_KWARG, ROPE_INIT_FUNCTIONS
+from arbor_plugins import DEFAULTS
 
 #: RoPE types arbor builds tables for, all through transformers' init functions.
 ROPE_TYPES: tuple[str, ...] = ("default", *sorted(k for k in ROPE_INIT_FUNCTIONS if k != "default"))
@@ -278,7 +279,7 @@ class ArborConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
     attention_dropout: float = 0.0
-    substrate: str = "learned"
+    substrate: str = DEFAULTS["substrate"]
     substrate_settings: dict | None = None
     min_layers: int = 1
     max_layers: int | None = None

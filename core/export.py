@@ -148,7 +148,7 @@ def llama_state_dict(model, intermediate_size: int, num_heads: int, num_kv_heads
     """
     from arbor_plugins.components import embedding_matrix
 
-    config, hd = model.config, model.config.head_dim
+    hd = model.config.head_dim
 
     def t(x) -> torch.Tensor:
         if isinstance(x, nn.Module):  # a projection, maybe wrapped by LoRA: its effective weight

@@ -19,6 +19,7 @@ from typing import Any
 from arbor.growth import GrowthError, GrowthEvent
 from arbor.growth_step import GrowthSpec, GrowthStep, Operation, parse_growth_spec
 from arbor.plugins_toml import Selection
+from arbor_plugins import DEFAULTS
 
 __all__ = ["GrowableMixin", "GrowthSpec", "parse_growth_spec"]
 
@@ -34,7 +35,7 @@ class GrowableMixin:
     """
 
     def grow_depth(self, num_layers: int = 1, positions: list[int] | None = None, policy: str | None = None,
-                   init: str = "zero", init_settings: dict | None = None, optimizer=None, scheduler=None,
+                   init: str = DEFAULTS["init_scheme"], init_settings: dict | None = None, optimizer=None, scheduler=None,
                    **optim_kwargs) -> GrowthEvent:
         """Insert ``num_layers`` new layers at ``positions`` (indices into the current
         stack), where the insertion ``policy`` says, where the init scheme prefers
@@ -44,21 +45,21 @@ class GrowableMixin:
         op = Operation("depth", num_layers, positions=positions, policy=policy, init=init, init_settings=init_settings)
         return self._step(op, optimizer, scheduler, optim_kwargs)
 
-    def grow_width(self, intermediate_size: int, layers=None, init: str = "zero", init_settings: dict | None = None,
+    def grow_width(self, intermediate_size: int, layers=None, init: str = DEFAULTS["init_scheme"], init_settings: dict | None = None,
                    optimizer=None, scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the FFN of ``layers`` (default: all) to ``intermediate_size``."""
         op = Operation("ffn", intermediate_size, layers=layers, init=init, init_settings=init_settings)
         return self._step(op, optimizer, scheduler, optim_kwargs)
 
     def grow_heads(self, num_attention_heads: int, num_key_value_heads: int | None = None, layers=None,
-                   init: str = "zero", init_settings: dict | None = None, optimizer=None, scheduler=None,
+                   init: str = DEFAULTS["init_scheme"], init_settings: dict | None = None, optimizer=None, scheduler=None,
                    **optim_kwargs) -> GrowthEvent:
         """Give ``layers`` (default: all) more query and optionally kv heads."""
         op = Operation("heads", num_attention_heads, layers=layers, kv_target=num_key_value_heads, init=init,
                        init_settings=init_settings)
         return self._step(op, optimizer, scheduler, optim_kwargs)
 
-    def grow_hidden(self, hidden_size: int, init: str = "zero", init_settings: dict | None = None, optimizer=None,
+    def grow_hidden(self, hidden_size: int, init: str = DEFAULTS["init_scheme"], init_settings: dict | None = None, optimizer=None,
                     scheduler=None, **optim_kwargs) -> GrowthEvent:
         """Widen the residual stream (d_model) to ``hidden_size``."""
         op = Operation("hidden", hidden_size, init=init, init_settings=init_settings)

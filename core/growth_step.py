@@ -46,6 +46,7 @@ from arbor.growth import (
 from arbor.lora import merge_lora
 from arbor.optim import carry_over
 from arbor.plugins_toml import load_plugins_toml
+from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["GrowthResult", "GrowthSpec", "GrowthStep", "Operation", "describe_growth", "parse_growth_spec",
@@ -149,7 +150,7 @@ class Operation:
     positions: list[int] | None = None
     policy: Any = None  # a name, or (name, settings)
     kv_target: int | None = None
-    init: Any = "zero"
+    init: Any = DEFAULTS["init_scheme"]
     init_settings: dict | None = None
 
 
@@ -217,7 +218,7 @@ class GrowthStep:
     def operation(model, spec: GrowthSpec) -> Operation:
         """The absolute `Operation` a relative spec asks of ``model`` now."""
         config = model.config
-        init = spec.init or "zero"
+        init = spec.init or DEFAULTS["init_scheme"]
         common = dict(init=init, init_settings=spec.init_settings)
         if spec.axis == "depth":
             policy = spec.policy if spec.policy_settings is None else (spec.policy, spec.policy_settings)

@@ -60,14 +60,19 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_callback import ExportableState
 
 from arbor.growth_step import GrowthStep, describe_growth, parse_growth_spec
+from arbor.plugins import component_state, load_component_state
 from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
+from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["GrowthCallback", "prepare_resume", "unwrap_model", "unwrap_optimizer", "unwrap_scheduler"]
 
+#: The file in a Trainer checkpoint folder that holds the plugins' training state (``arbor_state_dict``).
+COMPONENTS_FILE = "arbor_components.pt"
 #: Config fields that fix the architecture: a resumed model must match the checkpoint in all of them.
 _ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_intermediate_sizes",
                  "layer_num_attention_heads", "layer_num_key_value_heads")
@@ -145,7 +150,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
     ``state.log_history`` and to ``self.history``.
     """
 
-    def __init__(self, trigger: str | None = "schedule", trigger_settings: dict[str, Any] | None = None,
+    def __init__(self, trigger: str | None = DEFAULTS["trigger"], trigger_settings: dict[str, Any] | None = None,
                  growth: dict[str, Any] | None = None, init: str | None = None, insertion_policy: str | None = None,
                  freeze_policy: str | None = None, freeze_settings: dict[str, Any] | None = None,
                  new_param_lr_multiplier: float = 1.0, warmup_steps: int = 0, plugins: str | Path | Any = None,
@@ -171,7 +176,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
             self.trigger_name, self._trigger = self.selection.name("trigger"), self.selection.component("trigger")
             self._trigger_settings = self.selection.settings("trigger")
         else:
-            self.trigger_name = "schedule" if trigger is None else trigger
+            self.trigger_name = DEFAULTS["trigger"] if trigger is None else trigger
             self._trigger = _lookup("trigger", self.trigger_name, "trigger")
             default_schedule = self.trigger_name == "schedule" and not trigger_settings
             # The default schedule depends on max_steps, known when training starts.
@@ -284,6 +289,14 @@ class GrowthCallback(TrainerCallback, ExportableState):
                 ramp = _ramp(warm["steps"], scheduler.last_epoch - warm["done"])
                 lambdas[i] = lambda epoch, fn=base, ramp=ramp: fn(epoch) * ramp(epoch)
 
+    def on_save(self, args, state, control, **kwargs):
+        """Plugins' training state (ramping masks, LoRA adapters) beside the Trainer's checkpoint."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if self._model is not None and folder.is_dir() and args.should_save:
+            components = component_state(self._model)
+            if components:
+                torch.save({"components": components}, folder / COMPONENTS_FILE)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and isinstance(logs["loss"], (int, float)):
             self._pending_loss = float(logs["loss"])
@@ -395,6 +408,9 @@ def prepare_resume(trainer, checkpoint: str | Path | bool | None = True) -> Path
         raise ValueError(f"prepare_resume needs exactly one GrowthCallback on the Trainer; found {len(callbacks)}")
     model = unwrap_model(trainer.model)
     _check_architecture(model, path)
+    if (path / COMPONENTS_FILE).is_file():  # first: it may recreate parameters (LoRA adapters) the optimizer names
+        saved_components = torch.load(path / COMPONENTS_FILE, map_location="cpu", weights_only=True)
+        load_component_state(model, saved_components.get("components"))
     stored = json.loads(state_file.read_text(encoding="utf-8")).get("stateful_callbacks", {})
     saved = (stored.get(type(callbacks[0]).__name__) or {}).get("attributes", {}).get("_resume_state") or {}
     layout = saved.get("param_groups")

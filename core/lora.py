@@ -150,3 +150,53 @@ def add_lora(model: nn.Module, layers: list[int], *, r: int = 8, alpha: float = 
     if frozen_bases:
         call_hook("arbor_freeze", model=model, names=frozen_bases, frozen=True)
     return list(adapters)
+
+
+def lora_state(model: nn.Module) -> dict[str, Any] | None:
+    """The adapters of ``model`` as they are, for a checkpoint (None: no adapters).
+
+    Which modules are wrapped, the LoRA settings, and every tensor of the
+    wrapped modules (base weights and adapters, unmerged), so `restore_lora`
+    rebuilds them bit for bit; the saved model weights hold the merged sum.
+    """
+    wrapped = lora_modules(model)
+    if not wrapped:
+        return None
+    config = model.peft_config[ADAPTER]
+    prefixes = tuple(name + "." for name in wrapped)
+    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return {"modules": sorted(wrapped), "r": int(config.r), "alpha": float(config.lora_alpha),
+            "dropout": float(config.lora_dropout), "tensors": tensors}
+
+
+def restore_lora(model: nn.Module, state: dict[str, Any] | None) -> list[str]:
+    """Wrap the modules `lora_state` saved again and load their base weights and adapters.
+
+    Parameters outside the wrapped modules keep their ``requires_grad``; base
+    weights freeze and adapters train, as `add_lora` left them. Returns the
+    adapters' parameter names.
+    """
+    if not state:
+        return []
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("this checkpoint holds LoRA adapters, which need peft: pip install 'arbor-lm[lora]'") \
+            from None
+    merge_lora(model)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = LoraConfig(r=state["r"], lora_alpha=state["alpha"], lora_dropout=state["dropout"],
+                        target_modules=list(state["modules"]), bias="none")
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    missing = set(state["tensors"]) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"saved LoRA tensors name what the model does not have: {sorted(missing)[:3]}")
+    model.load_state_dict(state["tensors"], strict=False)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+        elif ".base_layer." in name:
+            p.requires_grad_(False)
+        else:
+            p.requires_grad_(trainable.get(name, True))
+    return [n for n, _ in model.named_parameters() if "lora_" in n]

@@ -50,10 +50,12 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "call_hook",
+    "component_state",
     "get_plugin_manager",
     "get_registry",
     "has_hook_impls",
     "hook_implementers",
+    "load_component_state",
     "plugin_infos",
     "reset_plugins",
     "unwrap",
@@ -364,6 +366,27 @@ def _failing_plugin(caller: pluggy.HookCaller, exc: BaseException) -> str:
 def hook_implementers(name: str) -> list[str]:
     """How the plugins implementing hook ``name`` are named to users (see `describe_plugin`)."""
     return [describe_plugin(impl.plugin_name) for impl in _hook_caller(name).get_hookimpls()]
+
+
+def component_state(model) -> dict[str, Any]:
+    """The training state every plugin keeps for ``model`` (``arbor_state_dict``), merged by key."""
+    merged: dict[str, Any] = {}
+    for part in call_hook("arbor_state_dict", model=model):
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise PluginError(f"hook arbor_state_dict returned {type(part).__name__}; expected a dict or None")
+        clash = sorted(set(part) & set(merged))
+        if clash:
+            raise PluginError(f"hook arbor_state_dict: two plugins returned the key(s) {clash}; each plugin "
+                              "keeps its state under a key of its own")
+        merged.update(part)
+    return merged
+
+
+def load_component_state(model, state: dict[str, Any] | None) -> None:
+    """Give every plugin its saved training state back (``arbor_load_state``)."""
+    call_hook("arbor_load_state", model=model, state=dict(state or {}))
 
 
 def has_hook_impls(name: str) -> bool:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from arbor_plugins import KINDS, Registry, UnknownComponentError
 from arbor_plugins.settings import PluginsFileError, describe_validation_error, parse_plugins_toml
 
-__all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "load_plugins_toml"]
+__all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "apply_rope_scaling", "load_plugins_toml"]
 
 #: Looked for in the working directory when no path is given.
 DEFAULT_PATH = Path("plugins.toml")
@@ -120,3 +120,29 @@ def _accepted(component: Any) -> str:
     """What settings a component takes, to append to an error about them."""
     fields = list(getattr(component, "Settings", BaseModel).model_fields)
     return f"; accepted settings: {', '.join(fields)}" if fields else "; this component takes no settings"
+
+
+def apply_rope_scaling(config, selection: Selection | None) -> bool:
+    """Give ``config`` (an `ArborConfig`) the RoPE parameters ``[rope_scaling]`` of ``selection`` makes.
+
+    The chosen component's ``apply(rope_parameters, settings)`` returns the new
+    parameters, checked as a user's own would be. They are written into the
+    config, so a saved model carries them and loads with the same RoPE anywhere.
+    Returns whether anything was applied.
+    """
+    from arbor.plugins import PluginError
+
+    scaling = selection.component("rope_scaling") if selection is not None else None
+    if scaling is None:
+        return False
+    before = dict(config.rope_parameters)
+    changed = scaling.apply(dict(before), selection.settings("rope_scaling"))
+    try:
+        config.rope_parameters = dict(changed)
+        config.standardize_rope_params()
+        config._check_rope()
+    except Exception as exc:
+        config.rope_parameters = before
+        raise PluginError(f"rope_scaling {selection.name('rope_scaling')!r} returned invalid RoPE parameters "
+                          f"{changed!r}: {exc}") from exc
+    return True

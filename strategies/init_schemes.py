@@ -224,7 +224,8 @@ class _Mask:
 
     def __init__(self, module, side: str, index: torch.Tensor | None, ramp: _Ramp, event):
         self.module, self.side, self.index, self.ramp = module, side, index, ramp
-        self.created_by = weakref.ref(event)  # not id(): ids of dead events are reused
+        # not id(): ids of dead events are reused. A mask restored from a checkpoint has no event.
+        self.created_by = weakref.ref(event) if event is not None else _no_event
         self.followed = self.created_by  # the last growth step whose permutation `remap_masks` applied
         module._arbor_masks = [*getattr(module, "_arbor_masks", []), self]  # so split can see what is ramping
         if side == "in":
@@ -242,6 +243,10 @@ class _Mask:
 
     def weight_dim(self) -> int:
         return 1 if self.side == "in" else 0
+
+
+def _no_event() -> None:
+    return None
 
 
 def active_masks_of(module) -> list[_Mask]:
@@ -285,6 +290,47 @@ def bake_masks(model) -> int:
             handle.remove()
     model._arbor_masks = []
     return len(masks)
+
+
+def mask_state(model) -> dict[str, Any] | None:
+    """The masks still ramping in on ``model`` and how far each ramp has gone (None: no masks).
+
+    Module names, sides, masked positions and ramps (steps, forwards done): all
+    a resumed run needs to rebuild the same masks (`load_mask_state`).
+    """
+    masks = getattr(model, "_arbor_masks", [])
+    if not masks:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    ramps: dict[int, int] = {}
+    saved = []
+    for mask in masks:
+        saved.append({"module": names[id(mask.module)], "side": mask.side, "ramp": ramps.setdefault(id(mask.ramp), len(ramps)),
+                      "index": None if mask.index is None else mask.index.detach().cpu().clone()})
+    by_id = {id(m.ramp): m.ramp for m in masks}
+    return {"masks": saved, "ramps": [{"steps": by_id[i].steps, "done": by_id[i].done} for i in ramps]}
+
+
+def load_mask_state(model, state: dict[str, Any] | None) -> None:
+    """Rebuild the masks `mask_state` saved (replacing any the model has), ramps where they were."""
+    for ramp in {id(m.ramp): m.ramp for m in getattr(model, "_arbor_masks", [])}.values():
+        for handle in ramp.handles:
+            handle.remove()
+    for module in model.modules():
+        module.__dict__.pop("_arbor_masks", None)
+    if not state or not state.get("masks"):
+        return
+    ramps = []
+    for saved in state["ramps"]:
+        ramp = _Ramp(int(saved["steps"]))
+        ramp.done = int(saved["done"])
+        ramps.append(ramp)
+    device = next(model.parameters()).device
+    masks = [_Mask(model.get_submodule(m["module"]), m["side"], None if m["index"] is None else m["index"].to(device),
+                   ramps[m["ramp"]], None) for m in state["masks"]]
+    if not hasattr(model, "_arbor_mask_hook"):
+        model._arbor_mask_hook = model.register_forward_pre_hook(lambda m, args, kwargs: _advance(m), with_kwargs=True)
+    model._arbor_masks = masks
 
 
 def remap_masks(model, event) -> None:

@@ -84,13 +84,51 @@ def test_arbor_plugins_lists_it(site, tmp_path):
     assert done.returncode == 0, done.stderr
     (line,) = [row for row in done.stdout.splitlines() if row.startswith(DIST)]
     assert line.split()[:3] == [DIST, "(loss-slope)", "0.1.0"]
-    assert line.split()[-2:] == ["arbor_register", "trigger:loss-slope"]
+    rest = " ".join(line.split()[3:])
+    assert rest.startswith("arbor_load_state, arbor_register, arbor_state_dict ")  # its hooks
+    assert "init_scheme:fade-in" in rest and "trigger:loss-slope" in rest  # its components
 
 
 def test_conformance_kit_passes_on_it(installed):
-    (report,) = check_plugin(DIST)
-    assert (report.kind, report.name) == ("trigger", "loss-slope")
-    assert any(d["grow"] for d in report.decisions)  # its example_settings reach real decisions
+    reports = {(r.kind, r.name): r for r in check_plugin(DIST)}
+    assert reports.keys() == {("trigger", "loss-slope"), ("init_scheme", "fade-in")}
+    assert all(r.passed for r in reports.values())
+    assert any(d["grow"] for d in reports["trigger", "loss-slope"].decisions)  # its settings reach real decisions
+
+
+def test_its_stateful_init_scheme_survives_save_and_resume(installed, tmp_path):
+    # fade-in's gates open over training forwards; the weights do not hold how far. A run resumed
+    # mid-fade gets them back through arbor_state_dict / arbor_load_state and trains as the one that never stopped.
+    from arbor.checkpointing import latest_checkpoint, load_trainer_state
+    from arbor.plugins_toml import Selection
+    from arbor.train import TrainConfig, Trainer
+
+    gen = torch.Generator().manual_seed(0)
+    train, val = markov_batch(gen).repeat(4, 1), markov_batch(gen)
+    cfg = TrainConfig.model_validate({
+        "max_steps": 10, "batch_size": 4, "seq_len": 16, "lr": 1e-2, "warmup_steps": 2, "eval_interval": 5,
+        "save_interval": 5, "log_interval": 1, "sample_tokens": 0,
+        "growth": {"trigger": "schedule", "trigger_settings": {"steps": [3]},
+                   "step": {"axis": "depth", "num_layers": 1, "init": "fade-in", "init_settings": {"steps": 6}}}})
+
+    def start(out):
+        torch.manual_seed(0)
+        model = ArborForCausalLM(ArborConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+        return Trainer(model, cfg, train, val, out, plugins=Selection(), progress=False, echo=lambda s: None)
+
+    whole = start(tmp_path / "a")
+    whole.fit()
+    start(tmp_path / "b").fit(until=7)
+    checkpoint = latest_checkpoint(tmp_path / "b")
+    _, tensors = load_trainer_state(checkpoint)
+    assert tensors["components"]["arbor_strategy_example.fade-in"] == [{"layer": "model.layers.1", "steps": 6,
+                                                                         "done": 2}]
+    resumed = Trainer.resume(checkpoint, train, val, tmp_path / "b", plugins=Selection(), progress=False,
+                             echo=lambda s: None)
+    resumed.fit()
+    a, b = dict(whole.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def markov_batch(gen: torch.Generator) -> torch.Tensor:
@@ -149,4 +187,4 @@ def test_its_own_tests_pass(installed, pytester):
     # In-process (no second interpreter to start); importlib mode keeps its conftest apart from ours.
     result = pytester.runpytest_inprocess(str(EXAMPLE / "tests"), "-p", "no:cacheprovider", "--import-mode=importlib",
                                           "-q")
-    result.assert_outcomes(passed=11)
+    result.assert_outcomes(passed=14)

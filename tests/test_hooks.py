@@ -14,7 +14,7 @@ import torch
 
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.plugins import call_hook, get_plugin_manager, has_hook_impls
+from arbor.plugins import call_hook, component_state, get_plugin_manager, has_hook_impls, load_component_state
 from arbor_plugins import hookspecs
 
 HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("arbor_") and callable(fn))
@@ -49,6 +49,15 @@ class Recorder:
         self.seen["arbor_rope_config"] = {"rope_parameters": rope_parameters}
         return None
 
+    @arbor_plugins.hookimpl
+    def arbor_state_dict(self, model):
+        self.seen["arbor_state_dict"] = {"model": model}
+        return {"test-recorder": {"calls": len(self.seen)}}
+
+    @arbor_plugins.hookimpl
+    def arbor_load_state(self, model, state):
+        self.seen["arbor_load_state"] = {"state": state.get("test-recorder")}
+
 
 @pytest.fixture
 def recorder():
@@ -62,7 +71,7 @@ def recorder():
 def test_every_hookspec_has_a_docstring():
     assert set(HOOKS) == {
         "arbor_register", "arbor_pre_forward_stats", "arbor_grow_width",
-        "arbor_grow_depth", "arbor_freeze", "arbor_rope_config",
+        "arbor_grow_depth", "arbor_freeze", "arbor_rope_config", "arbor_state_dict", "arbor_load_state",
     }
     for name in HOOKS:
         assert len(inspect.getdoc(getattr(hookspecs, name)) or "") > 40, name
@@ -77,7 +86,10 @@ def test_every_hook_is_called(recorder):
     call_hook("arbor_grow_width", model=model, event={"axis": "ffn"})
     call_hook("arbor_grow_depth", model=model, event={"axis": "depth"})
     call_hook("arbor_freeze", model=model, names=["model.norm.weight"], frozen=True)
+    state = component_state(model)  # arbor_state_dict, as a checkpoint is written
+    load_component_state(model, state)  # arbor_load_state, as a run resumes
     assert sorted(recorder.seen) == HOOKS
+    assert recorder.seen["arbor_load_state"]["state"] == state["test-recorder"]
     assert recorder.seen["arbor_pre_forward_stats"] == {"layer_idx": 0, "step": 0}
     assert recorder.seen["arbor_rope_config"]["rope_parameters"]["rope_type"] == "default"
     assert recorder.seen["arbor_freeze"] == {"names": ["model.norm.weight"], "frozen": True}

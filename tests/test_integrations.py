@@ -184,6 +184,25 @@ def test_grown_checkpoint_resumes_with_trigger_state_and_optimizer_layout(tmp_pa
     assert losses(resumed)[-5:] == pytest.approx(losses(full)[-5:], rel=1e-4)
 
 
+def test_a_checkpoint_mid_ramp_resumes_with_its_masks(tmp_path):
+    def callback():
+        return GrowthCallback(trigger_settings={"steps": [3]}, echo=lambda line: None,
+                              growth={"axis": "ffn", "add": 16, "init": "masked", "init_settings": {"ramp_steps": 6}})
+
+    args = arguments(tmp_path, max_steps=8, save_strategy="steps", save_steps=5)
+    full, _ = train(tmp_path, callback(), args)
+    ckpt = tmp_path / "checkpoint-5"
+    saved = torch.load(ckpt / "arbor_components.pt", weights_only=True)["components"]
+    assert saved["arbor_strategies.masked"]["ramps"] == [{"steps": 6, "done": 2}]  # steps 4 and 5 of 6
+    resumed = Trainer(model=ArborForCausalLM.from_pretrained(ckpt), args=args, train_dataset=Blocks(),
+                      callbacks=[callback()])
+    prepare_resume(resumed, ckpt)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-6)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
 def test_settings_are_checked_when_the_callback_is_built():
     with pytest.raises(ValueError, match="trigger='nope' is not a registered trigger; valid names: .*'schedule'"):
         GrowthCallback(trigger="nope")

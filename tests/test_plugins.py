@@ -350,6 +350,45 @@ def test_plugin_settings_are_validated(site, tmp_path):
         load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "scale"\nfactor = "big"\n'))
 
 
+def test_a_rope_scaling_chosen_in_plugins_toml_changes_the_model_arbor_train_builds(site, tmp_path):
+    site(
+        "fakeplug",
+        """
+        import arbor_plugins
+        from pydantic import BaseModel, ConfigDict
+
+        class Settings(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            factor: float = 1.0
+
+        class Linear(arbor_plugins.RopeScaling):
+            Settings = Settings
+            def apply(self, rope_parameters, settings):
+                return {**rope_parameters, "rope_type": "linear", "factor": settings.factor}
+
+        @arbor_plugins.hookimpl
+        def arbor_register(registry):
+            registry.register("rope_scaling", "linear-x", Linear())
+        """,
+    )
+    import torch
+
+    from arbor import ArborForCausalLM
+    from arbor.cli_train import build_model
+    from arbor.train import TrainConfig
+
+    tokenizer = type("Tok", (), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "__len__": lambda s: 64})()
+    config = TrainConfig.model_validate({"model": {"preset": "tiny"}})
+    plain = build_model(config, tokenizer, load_plugins_toml(write(tmp_path, "")))
+    scaled = build_model(config, tokenizer, load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "linear-x"\n'
+                                                                               'factor = 4\n')))
+    assert plain.config.rope_parameters["rope_type"] == "default"
+    assert scaled.config.rope_parameters["rope_type"] == "linear" and scaled.config.rope_parameters["factor"] == 4
+    assert torch.allclose(scaled.model.rotary_emb.inv_freq * 4, plain.model.rotary_emb.inv_freq)
+    scaled.save_pretrained(tmp_path / "saved")  # the saved model carries it, with no plugin needed to load
+    assert ArborForCausalLM.from_pretrained(tmp_path / "saved").config.rope_parameters["factor"] == 4
+
+
 def test_schema_without_registry():
     parsed = parse_plugins_toml({"substrate": {"name": "learned", "dim": 3}})
     assert parsed.substrate.name == "learned" and parsed.substrate.settings == {"dim": 3}

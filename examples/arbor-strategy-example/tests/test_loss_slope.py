@@ -38,8 +38,9 @@ def test_conformance_of_the_installed_plugin():
         importlib.metadata.distribution("arbor-strategy-example")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("not installed: pip install -e . to check the entry point too")
-    (report,) = check_plugin("arbor-strategy-example")
-    assert (report.kind, report.name) == ("trigger", "loss-slope")
+    reports = check_plugin("arbor-strategy-example")
+    assert {(r.kind, r.name) for r in reports} == {("trigger", "loss-slope"), ("init_scheme", "fade-in")}
+    assert all(r.passed for r in reports)
 
 
 def test_fitted_slope_is_the_power_law_exponent(arbor_tiny_model):
