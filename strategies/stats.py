@@ -87,6 +87,33 @@ def layer_stats(model, history: int | None = None) -> LayerStats:
     return stats
 
 
+def stats_state(model) -> dict | None:
+    """The rolling window and the forward count of ``model``'s statistics, for a checkpoint (None: none yet).
+
+    A resumed run needs both to sample the same forwards and fill the same
+    window as the run that never stopped (`load_stats_state`).
+    """
+    decoder = _inner(model)
+    stats = getattr(decoder, "_arbor_layer_stats", None)
+    step = int(getattr(decoder, "stats_step", 0))
+    if stats is None and not step:
+        return None
+    records = {} if stats is None else {str(i): torch.stack(list(r)).cpu() for i, r in stats.records.items() if r}
+    return {"stats_step": step, "history": None if stats is None else stats.history, "records": records}
+
+
+def load_stats_state(model, state: dict | None) -> None:
+    """Put back what `stats_state` saved."""
+    if not state:
+        return
+    decoder = _inner(model)
+    decoder.stats_step = int(state["stats_step"])
+    if state.get("history") is not None:
+        stats = layer_stats(model, int(state["history"]))
+        device = next(decoder.parameters()).device
+        stats.records = {int(i): deque(list(t.to(device)), maxlen=stats.history) for i, t in state["records"].items()}
+
+
 def layer_utilization(model, measure: str = "participation", min_records: int = 1) -> list[float] | None:
     """Per-layer utilization of ``model`` over the rolling window (see the module docs)."""
     if measure not in MEASURES:

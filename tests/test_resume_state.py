@@ -88,6 +88,28 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, step, freeze):
         assert a[name].requires_grad == b[name].requires_grad, name
 
 
+def test_a_utilization_run_resumes_with_its_statistics_window(tmp_path):
+    # The window (3 measurements, one every 2nd forward) is full at step 5 and decides the growth
+    # steps after it; restarting it on resume would move them.
+    cfg = TrainConfig.model_validate({
+        "max_steps": 12, "batch_size": 4, "seq_len": 16, "warmup_steps": 2, "lr": 1e-2, "eval_interval": 5,
+        "save_interval": 5, "log_interval": 1, "sample_tokens": 0,
+        "growth": {"trigger": "utilization", "step": {"axis": "depth", "num_layers": 1},
+                   "trigger_settings": {"threshold": 0.01, "fraction": 0.5, "cooldown": 3, "stats_interval": 2,
+                                        "history": 3, "max_layers": 5, "num_layers": 1}}})
+    whole = run(cfg, tmp_path / "a")
+    assert [e["step"] for e in whole.history] and whole.model.config.num_hidden_layers > 2
+    run(cfg, tmp_path / "b", until=7)
+    train, val = blocks()
+    resumed = Trainer.resume(latest_checkpoint(tmp_path / "b"), train, val, tmp_path / "b", plugins=Selection(),
+                             progress=False, echo=lambda s: None)
+    resumed.fit()
+    assert [e["step"] for e in resumed.history] == [e["step"] for e in whole.history]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = dict(whole.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_masks_and_adapters_are_saved_as_they_are(tmp_path):
     step = {"axis": "depth", "num_layers": 1, "init": "masked", "init_settings": {"ramp_steps": 6}}
     run(config(step, "lora-below"), tmp_path, until=5)
