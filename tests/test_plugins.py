@@ -323,54 +323,36 @@ def test_plugins_toml_errors_are_one_line(tmp_path, text, pattern):
     assert message.startswith(f"{path}: ") and "\n" not in message
 
 
+#: A third-party RoPE scaling with one setting, for the tests below.
+LINEAR_ROPE_PLUGIN = """
+import arbor_plugins
+from pydantic import BaseModel, ConfigDict
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    factor: float = 1.0
+
+class Linear(arbor_plugins.RopeScaling):
+    Settings = Settings
+    def apply(self, rope_parameters, settings):
+        return {**rope_parameters, "rope_type": "linear", "factor": settings.factor}
+
+@arbor_plugins.hookimpl
+def arbor_register(registry):
+    registry.register("rope_scaling", "linear-x", Linear())
+"""
+
+
 def test_plugin_settings_are_validated(site, tmp_path):
-    site(
-        "fakeplug",
-        """
-        import arbor_plugins
-        from pydantic import BaseModel, ConfigDict
-
-        class Settings(BaseModel):
-            model_config = ConfigDict(extra="forbid")
-            factor: float = 1.0
-
-        class Scale(arbor_plugins.RopeScaling):
-            Settings = Settings
-            def apply(self, rope_parameters, settings):
-                return {**rope_parameters, "factor": settings.factor}
-
-        @arbor_plugins.hookimpl
-        def arbor_register(registry):
-            registry.register("rope_scaling", "scale", Scale())
-        """,
-    )
-    sel = load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "scale"\nfactor = 4\n'))
+    site("fakeplug", LINEAR_ROPE_PLUGIN)
+    sel = load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "linear-x"\nfactor = 4\n'))
     assert sel.settings("rope_scaling").factor == 4.0
     with pytest.raises(PluginsConfigError, match=r"rope_scaling.factor: .*\(got 'big'\); accepted settings: factor"):
-        load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "scale"\nfactor = "big"\n'))
+        load_plugins_toml(write(tmp_path, '[rope_scaling]\nname = "linear-x"\nfactor = "big"\n'))
 
 
 def test_a_rope_scaling_chosen_in_plugins_toml_changes_the_model_arbor_train_builds(site, tmp_path):
-    site(
-        "fakeplug",
-        """
-        import arbor_plugins
-        from pydantic import BaseModel, ConfigDict
-
-        class Settings(BaseModel):
-            model_config = ConfigDict(extra="forbid")
-            factor: float = 1.0
-
-        class Linear(arbor_plugins.RopeScaling):
-            Settings = Settings
-            def apply(self, rope_parameters, settings):
-                return {**rope_parameters, "rope_type": "linear", "factor": settings.factor}
-
-        @arbor_plugins.hookimpl
-        def arbor_register(registry):
-            registry.register("rope_scaling", "linear-x", Linear())
-        """,
-    )
+    site("fakeplug", LINEAR_ROPE_PLUGIN)
     import torch
 
     from arbor import ArborForCausalLM
