@@ -1,5 +1,6 @@
 """The arbor plugin contract: hook specifications, the ``hookimpl`` marker,
-component base classes and the component registry.
+component base classes, the component registry and the growth types
+(`GrowthSpec`, `GrowthEvent`, `ResizedParameter`, `Decision`).
 
 A plugin imports only this package::
 
@@ -24,10 +25,12 @@ from arbor_plugins.components import (
     Trigger,
     TriggerState,
 )
+from arbor_plugins.growth import AXES, GrowthError, GrowthEvent, GrowthSpec, ResizedParameter, UserError, parse_growth_spec
 from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
 from arbor_plugins.registry import DEFAULTS, KINDS, ComponentConflictError, Registry, UnknownComponentError
 
 __all__ = [
+    "AXES",
     "DEFAULTS",
     "KINDS",
     "PROJECT_NAME",
@@ -36,16 +39,22 @@ __all__ = [
     "ComponentConflictError",
     "Decision",
     "FreezePolicy",
+    "GrowthError",
+    "GrowthEvent",
+    "GrowthSpec",
     "InitScheme",
     "InsertionPolicy",
     "NoSettings",
     "Registry",
+    "ResizedParameter",
     "RopeScaling",
     "StrictSettings",
     "Substrate",
     "Trigger",
     "TriggerState",
     "UnknownComponentError",
+    "UserError",
     "hookimpl",
     "hookspec",
+    "parse_growth_spec",
 ]

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:  # pragma: no cover - types only
     import torch
     from torch import nn
+    from transformers import PreTrainedConfig
+
+    from arbor_plugins.growth import GrowthEvent
 
 
 class StrictSettings(BaseModel):
@@ -54,7 +57,7 @@ class Substrate(Component):
     #: A frozen substrate has no trainable parameters and never gets gradients.
     frozen: ClassVar[bool] = False
 
-    def build(self, config: Any, settings: BaseModel) -> nn.Module:  # pragma: no cover - interface
+    def build(self, config: PreTrainedConfig, settings: BaseModel) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
 
     def default_tokenizer(self, settings: BaseModel) -> Any:
@@ -87,7 +90,7 @@ class InitScheme(Component):
     The growth operators first build the new parts the "zero" way (whatever a
     new unit writes into the residual stream is zero, so the model's function
     is unchanged); ``initialize`` then rewrites them in place. It receives the
-    `arbor.growth.GrowthEvent` of the step, whose ``resized`` map says where
+    `arbor_plugins.GrowthEvent` of the step, whose ``resized`` map says where
     the old values sit inside each grown tensor and whose ``new_parameters``
     lists the parameters of new layers. It may also fill
     ``event.moment_scales`` / ``event.moment_sources`` so the optimizer
@@ -102,10 +105,10 @@ class InitScheme(Component):
     #: Growth axes the scheme can initialise ("depth", "ffn", "heads", "hidden").
     axes: ClassVar[tuple[str, ...]] = ("depth", "ffn", "heads", "hidden")
 
-    def initialize(self, model: Any, event: Any, settings: BaseModel) -> None:  # pragma: no cover - interface
+    def initialize(self, model: nn.Module, event: GrowthEvent, settings: BaseModel) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def default_positions(self, model: Any, num_layers: int) -> list[int] | None:
+    def default_positions(self, model: nn.Module, num_layers: int) -> list[int] | None:
         """Where new layers go when the caller names neither positions nor a policy (None: arbor's default)."""
         return None
 
@@ -137,13 +140,13 @@ class TriggerState:
     one would.
     """
 
-    def observe(self, step: int, tokens: int, loss: float | None, model: Any) -> None:
+    def observe(self, step: int, tokens: int, loss: float | None, model: nn.Module) -> None:
         """One optimizer step happened (``tokens``: total tokens seen so far)."""
 
-    def decide(self, step: int, tokens: int, model: Any) -> Decision:  # pragma: no cover - interface
+    def decide(self, step: int, tokens: int, model: nn.Module) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def grew(self, step: int, tokens: int, model: Any, event: Any) -> None:
+    def grew(self, step: int, tokens: int, model: nn.Module, event: GrowthEvent) -> None:
         """The model grew (cooldowns start here)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -156,14 +159,14 @@ class TriggerState:
 class Trigger(Component):
     """Decides *when* to grow. The registered object is a factory: each run calls ``start``."""
 
-    def start(self, model: Any, settings: BaseModel) -> TriggerState:  # pragma: no cover - interface
+    def start(self, model: nn.Module, settings: BaseModel) -> TriggerState:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class FreezePolicy(Component):
     """Decides which parameters train after a growth step (PGT freezes what came before)."""
 
-    def apply(self, model: Any, event: Any, settings: BaseModel, optimizer: Any = None) -> list[str]:  # pragma: no cover
+    def apply(self, model: nn.Module, event: GrowthEvent, settings: BaseModel, optimizer: Any = None) -> list[str]:  # pragma: no cover
         """Freeze / adapt parts of ``model`` after ``event``; returns the names it froze."""
         raise NotImplementedError
 
@@ -171,7 +174,7 @@ class FreezePolicy(Component):
 class InsertionPolicy(Component):
     """Where depth growth inserts new layers."""
 
-    def positions(self, model: Any, num_layers: int, settings: BaseModel) -> list[int]:  # pragma: no cover
+    def positions(self, model: nn.Module, num_layers: int, settings: BaseModel) -> list[int]:  # pragma: no cover
         """Indices into the current stack (``len(layers)`` appends), one per new layer."""
         raise NotImplementedError
 

@@ -7,6 +7,9 @@ named by an entry point in the ``arbor`` group::
     my_plugin = "my_package.plugin"
 
 A hook implementation may accept any subset of the arguments named here.
+``model`` is always an ``arbor.ArborForCausalLM`` (typed as ``nn.Module`` so
+this package needs no import of arbor's core). docs/hooks.md documents every
+argument of every hook, with when it is called and what it may do.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     import torch
+    from torch import nn
+    from transformers import PreTrainedConfig
 
+    from arbor_plugins.growth import GrowthEvent
     from arbor_plugins.registry import Registry
 
 PROJECT_NAME = "arbor"
@@ -39,7 +45,7 @@ def arbor_register(registry: Registry) -> None:
 
 
 @hookspec
-def arbor_pre_forward_stats(model: Any, layer_idx: int, hidden_states: torch.Tensor, step: int) -> None:
+def arbor_pre_forward_stats(model: nn.Module, layer_idx: int, hidden_states: torch.Tensor, step: int) -> None:
     """Observe the input of decoder block ``layer_idx`` before it runs.
 
     Called only on steps where statistics are collected: in training mode,
@@ -54,18 +60,18 @@ def arbor_pre_forward_stats(model: Any, layer_idx: int, hidden_states: torch.Ten
 
 
 @hookspec
-def arbor_grow_width(model: Any, event: Any) -> None:
+def arbor_grow_width(model: nn.Module, event: GrowthEvent) -> None:
     """React to a width change (FFN width, attention heads or hidden size).
 
     Called after the core has resized the modules exactly. ``event`` is an
-    ``arbor.growth.GrowthEvent``: axis, layers touched, old and new shapes and
+    `arbor_plugins.GrowthEvent`: axis, layers touched, old and new shapes and
     the names of new parameters. Init schemes may re-initialise the new parts
     here; optimizer carry-over and logging listen here too.
     """
 
 
 @hookspec
-def arbor_grow_depth(model: Any, event: Any) -> None:
+def arbor_grow_depth(model: nn.Module, event: GrowthEvent) -> None:
     """React to new decoder layers having been inserted.
 
     Same contract as :func:`arbor_grow_width`, for the depth axis.
@@ -73,7 +79,7 @@ def arbor_grow_depth(model: Any, event: Any) -> None:
 
 
 @hookspec
-def arbor_freeze(model: Any, names: list[str], frozen: bool) -> None:
+def arbor_freeze(model: nn.Module, names: list[str], frozen: bool) -> None:
     """Parameters ``names`` of ``model`` had ``requires_grad`` set to ``not frozen``.
 
     LoRA-style policies attach or detach adapters here.
@@ -81,7 +87,7 @@ def arbor_freeze(model: Any, names: list[str], frozen: bool) -> None:
 
 
 @hookspec
-def arbor_state_dict(model: Any) -> dict[str, Any] | None:
+def arbor_state_dict(model: nn.Module) -> dict[str, Any] | None:
     """Return the training state this plugin keeps for ``model``, to be saved in a checkpoint.
 
     Called each time a training run writes a checkpoint. Return
@@ -99,7 +105,7 @@ def arbor_state_dict(model: Any) -> dict[str, Any] | None:
 
 
 @hookspec
-def arbor_load_state(model: Any, state: dict[str, Any]) -> None:
+def arbor_load_state(model: nn.Module, state: dict[str, Any]) -> None:
     """Put back what :func:`arbor_state_dict` returned, when a run resumes.
 
     ``state`` is the merged dict of every plugin: take your own key. A
@@ -112,7 +118,7 @@ def arbor_load_state(model: Any, state: dict[str, Any]) -> None:
 
 
 @hookspec(firstresult=True)
-def arbor_rope_config(config: Any, rope_parameters: dict[str, Any]) -> dict[str, Any] | None:
+def arbor_rope_config(config: PreTrainedConfig, rope_parameters: dict[str, Any]) -> dict[str, Any] | None:
     """Return changed RoPE parameters, or ``None`` to leave them alone.
 
     Called with a copy of ``config.rope_parameters`` before the rotary tables

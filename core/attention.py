@@ -15,6 +15,7 @@ import torch
 
 import arbor_plugins
 from arbor_plugins import AttentionBackend
+from arbor.plugins import get_registry
 
 
 class EagerAttention(AttentionBackend):
@@ -120,8 +121,6 @@ def resolve_attn_implementation(name: str | None, registry: arbor_plugins.Regist
     if name is None:
         return None
     if registry is None:
-        from arbor.plugins import get_registry
-
         registry = get_registry()
     entries = list(registry.entries("attention_backend"))
     match = next((e for e in entries if e.name == name), None)

@@ -20,13 +20,14 @@ from typing import Any
 from transformers import LlamaConfig, PreTrainedConfig
 
 from arbor.compat import ACT2FN, CACHE_KWARG, ROPE_INIT_FUNCTIONS
-from arbor_plugins import DEFAULTS
+from arbor_plugins import DEFAULTS, UserError
+from arbor_plugins.growth import GrowthError, parse_growth_spec
 
 #: RoPE types arbor builds tables for, all through transformers' init functions.
 ROPE_TYPES: tuple[str, ...] = ("default", *sorted(k for k in ROPE_INIT_FUNCTIONS if k != "default"))
 
 
-class ArborConfigError(ValueError):
+class ArborConfigError(UserError):
     """An `ArborConfig` field holds a value the model cannot be built with.
 
     For a key that is no field at all, ``suggestion`` is the field it most
@@ -444,9 +445,6 @@ class ArborConfig(PreTrainedConfig):
             raise ArborConfigError("substrate_settings", self.substrate_settings, "must be a table (dict)")
         self._check_rope()
         if self.growth is not None:
-            from arbor.growable import parse_growth_spec
-            from arbor.growth import GrowthError
-
             if not isinstance(self.growth, dict):
                 raise ArborConfigError("growth", self.growth, "must be a table (dict) describing one growth step")
             try:

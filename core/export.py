@@ -28,6 +28,7 @@ from transformers import GenerationConfig, LlamaConfig
 
 from arbor.config import ArborConfig
 from arbor.lora import effective_weight
+from arbor_plugins.components import embedding_matrix
 
 #: Weight dtypes an export may be saved in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,8 +147,6 @@ def llama_state_dict(model, intermediate_size: int, num_heads: int, num_kv_heads
     Built tensor by tensor: a tensor that needs no padding is the model's own
     (no copy when the model is float32 on the CPU). Nothing in ``model`` is changed.
     """
-    from arbor_plugins.components import embedding_matrix
-
     hd = model.config.head_dim
 
     def t(x) -> torch.Tensor:
@@ -373,8 +372,6 @@ def to_llama(
             padded[name] = (list(values), target)
     # Hooks (arbor_rope_config) may have changed the RoPE tables the model actually runs with.
     rope = getattr(getattr(model.model.rotary_emb, "config", None), "rope_parameters", None) or config.rope_parameters
-    from arbor_plugins.components import embedding_matrix
-
     embed = embedding_matrix(model.model.embed_tokens)
     tied = bool(config.tie_word_embeddings) and (
         model.lm_head.weight is embed or torch.equal(model.lm_head.weight, embed)

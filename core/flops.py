@@ -82,6 +82,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+from arbor.plugins import get_registry
 
 __all__ = ["FlopCounter", "forward_flops_per_token", "training_flops", "training_flops_per_token"]
 
@@ -142,8 +143,6 @@ def _substrate_trainable(config: Any) -> bool:
     if name == "learned":
         return True
     try:
-        from arbor.plugins import get_registry
-
         return not getattr(get_registry().get("substrate", name), "frozen", True)
     except Exception:  # an unknown substrate: the built-in non-learned ones are all frozen
         return False

@@ -50,6 +50,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from arbor.optim import _base_group_index, drop_frozen_state
+from arbor.plugins import call_hook
 
 __all__ = ["SELECTOR_FORMS", "FreezableMixin", "FreezeError", "freeze", "select_parameters", "unfreeze"]
 
@@ -251,12 +253,8 @@ def freeze(model, *selectors: str, optimizer: torch.optim.Optimizer | None = Non
         params[name].requires_grad_(False)
         params[name].grad = None
     if optimizer is not None:
-        from arbor.optim import drop_frozen_state
-
         drop_frozen_state(optimizer)
     if changed:
-        from arbor.plugins import call_hook
-
         call_hook("arbor_freeze", model=model, names=changed, frozen=True)
     return changed
 
@@ -275,14 +273,10 @@ def unfreeze(model, *selectors: str, optimizer: torch.optim.Optimizer | None = N
     for name in changed:
         params[name].requires_grad_(True)
     if optimizer is not None and optimizer.param_groups:
-        from arbor.optim import _base_group_index
-
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [params[n] for n in changed if id(params[n]) not in held]
         optimizer.param_groups[_base_group_index(optimizer)]["params"].extend(missing)
     if changed:
-        from arbor.plugins import call_hook
-
         call_hook("arbor_freeze", model=model, names=changed, frozen=False)
     return changed
 

@@ -23,7 +23,6 @@ import math
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,85 +30,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from arbor import compat
+from arbor_plugins.growth import AXES, GrowthError, GrowthEvent, ResizedParameter
 from arbor_plugins.settings import describe_validation_error
+from arbor.optim import hand_over
+from arbor.plugins import call_hook, get_registry
 
-AXES = ("depth", "ffn", "heads", "hidden")
-
-
-@dataclass
-class ResizedParameter:
-    """Where the old values of one grown tensor sit inside the new one.
-
-    ``old_positions[d]`` holds, for every old index along dimension ``d``, its
-    index in the new tensor; dimensions not listed kept their size and order.
-    """
-
-    old_shape: tuple[int, ...]
-    new_shape: tuple[int, ...]
-    old_positions: dict[int, torch.Tensor]
-    #: The replaced parameter (weakly held, so the event does not keep old memory alive).
-    old_param: Any = field(default=None, repr=False)
-    #: The parameter that took its place.
-    new_param: Any = field(default=None, repr=False)
-
-    def old_index(self) -> tuple[Any, ...]:
-        """An index that selects the old values' positions in a new-shaped tensor."""
-        index: list[Any] = []
-        for dim, size in enumerate(self.old_shape):
-            pos = self.old_positions.get(dim)
-            index.append(slice(0, size) if pos is None else pos)
-        # Advanced indexing on several dims needs broadcastable index tensors.
-        tensors = [i for i, ix in enumerate(index) if isinstance(ix, torch.Tensor)]
-        if len(tensors) > 1:
-            shaped = []
-            for i, ix in enumerate(index):
-                ix = torch.arange(self.old_shape[i]) if not isinstance(ix, torch.Tensor) else ix
-                view = [1] * len(index)
-                view[i] = -1
-                shaped.append(ix.view(view))
-            return tuple(shaped)
-        return tuple(index)
-
-
-@dataclass
-class GrowthEvent:
-    """What one growth step changed; passed to the ``arbor_grow_*`` hooks."""
-
-    axis: str
-    layers: list[int]
-    old_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    new_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    new_parameters: list[str] = field(default_factory=list)
-    resized: dict[str, ResizedParameter] = field(default_factory=dict)
-    #: Parameters renamed because layers were inserted before them: old name → new name.
-    renamed: dict[str, str] = field(default_factory=dict)
-    init: str = "zero"
-    exact: bool = True
-    reason: str = ""
-    #: Per-parameter factors an init scheme wants applied to optimizer moments of
-    #: the old values (Staged Training scales moments of duplicated units):
-    #: ``(first, second)``, each broadcastable to the old shape.
-    moment_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    #: Per-parameter moment copies for duplicated units: ``(dim, dst, src)``, indices
-    #: into the NEW tensor along ``dim``; after resizing (and scaling), the state at
-    #: ``src`` is copied to ``dst`` so a copy starts with its original's moments.
-    moment_sources: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-friendly digest, for logs and growth histories."""
-        return {
-            "axis": self.axis,
-            "layers": list(self.layers),
-            "init": self.init,
-            "exact": self.exact,
-            "reason": self.reason,
-            "new_parameters": len(self.new_parameters),
-            "resized": {k: [list(v.old_shape), list(v.new_shape)] for k, v in self.resized.items()},
-        }
-
-
-class GrowthError(ValueError):
-    """A growth request the model cannot honour (shrinking, invalid sizes, limits)."""
+__all__ = ["AXES", "GrowthError", "GrowthEvent", "ResizedParameter", "add_heads", "following", "insert_layers",
+           "resolve_init", "widen_hidden", "widen_mlp"]
 
 
 # ----------------------------------------------------------------- primitives
@@ -140,8 +67,6 @@ def _grow_tensor(
     info.new_param = replacement
     optimizer = _OPTIMIZER.get()
     if optimizer is not None:  # hand over now, so the old tensor and its state are freed as we go
-        from arbor.optim import hand_over
-
         hand_over(optimizer, param, replacement, info)
     return info
 
@@ -188,8 +113,6 @@ def resolve_init(init: Any, axis: str, settings: dict | None = None) -> tuple[st
     strategies installed; any other name is looked up among registered init
     schemes. An object with an ``initialize`` method is used as it is.
     """
-    from arbor.plugins import get_registry
-
     if isinstance(init, str):
         name = init
         registry = get_registry()
@@ -216,8 +139,6 @@ def resolve_init(init: Any, axis: str, settings: dict | None = None) -> tuple[st
 
 
 def _fire(model, event: GrowthEvent, init: tuple[str, Any, Any] = ("zero", None, None)) -> GrowthEvent:
-    from arbor.plugins import call_hook
-
     model.config.validate_arbor()
     name, scheme, settings = init
     event.init = name
@@ -250,8 +171,6 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
     sizes and zero attention-output and MLP-output weights, so each starts as
     the identity on the residual stream.
     """
-    from arbor.modeling import ArborDecoderLayer
-
     scheme = resolve_init(init, "depth", init_settings)
     config = model.config
     stack: nn.ModuleList = model.model.layers
@@ -293,7 +212,7 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
      config.layer_generations) = (list(s) for s in new_sizes)
     ref = next(model.parameters())
     for i in new_indices:
-        layer = ArborDecoderLayer(config, i).to(device=ref.device, dtype=ref.dtype)
+        layer = model.model.layer_class(config, i).to(device=ref.device, dtype=ref.dtype)
         layer.apply(model._init_weights)
         with torch.no_grad():
             layer.self_attn.o_proj.weight.zero_()
@@ -307,7 +226,7 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
     model.model.layers = nn.ModuleList(layers)
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = i
-    event = GrowthEvent(axis="depth", layers=new_indices)
+    event = GrowthEvent(axis="depth", layers=new_indices, positions=positions)
     for name, p in model.named_parameters():
         if name.startswith("model.layers.") and int(name.split(".")[2]) in new_indices:
             event.new_parameters.append(name)

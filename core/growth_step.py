@@ -29,14 +29,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Any
 
 from arbor.compat import GradientCheckpointingLayer, copy_checkpointing
 from arbor.growth import (
-    GrowthError,
-    GrowthEvent,
     add_heads,
     following,
     insert_layers,
@@ -47,64 +43,11 @@ from arbor.lora import merge_lora
 from arbor.optim import carry_over
 from arbor.plugins_toml import load_plugins_toml
 from arbor_plugins import DEFAULTS
-from arbor_plugins.settings import describe_validation_error
+from arbor_plugins.growth import GrowthError, GrowthEvent, GrowthSpec, parse_growth_spec
+from arbor.plugins import get_registry
 
 __all__ = ["GrowthResult", "GrowthSpec", "GrowthStep", "Operation", "describe_growth", "parse_growth_spec",
            "resolve_positions"]
-
-
-class GrowthSpec(BaseModel):
-    """One growth step, as ``config.growth`` (or a config file) describes it.
-
-    ``axis`` picks the operator; the other fields say how much, relative to
-    the model's current size so the same step can repeat:
-
-    * ``depth``: ``num_layers`` new layers at ``positions`` or where ``policy`` says
-      (default: the init scheme's preferred place, else the middle of the stack, Arbor's rule);
-    * ``ffn``: every layer in ``layers`` (default all) to ``factor`` x or ``add`` + the widest one;
-    * ``heads``: ``add`` query heads and ``add_kv`` kv heads to every layer in ``layers``;
-    * ``hidden``: d_model to ``factor`` x or ``add`` + the current one.
-
-    ``init`` / ``init_settings`` name the init scheme and ``policy`` /
-    ``policy_settings`` the insertion policy; where they are None the entry
-    point's choice applies, then ``plugins.toml``'s, then ``"zero"`` and the middle.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    axis: Literal["depth", "ffn", "heads", "hidden"] = "depth"
-    num_layers: int = Field(4, ge=1)
-    positions: list[int] | None = None
-    policy: str | None = None
-    policy_settings: dict[str, Any] | None = None
-    factor: float | None = Field(None, gt=1.0)
-    add: int | None = Field(None, ge=1)
-    add_kv: int = Field(0, ge=0)
-    layers: list[int] | None = None
-    init: str | None = None
-    init_settings: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GrowthSpec:
-        if self.axis in ("ffn", "hidden") and (self.factor is None) == (self.add is None):
-            raise ValueError(f"axis {self.axis!r} needs exactly one of factor or add")
-        if self.axis == "heads" and self.add is None and not self.add_kv:
-            raise ValueError("axis 'heads' needs add (query heads) and/or add_kv")
-        if self.axis == "depth" and self.positions is not None and self.policy is not None:
-            raise ValueError("give positions or policy, not both")
-        if self.positions is not None and len(self.positions) != self.num_layers:
-            raise ValueError(f"positions has {len(self.positions)} entries but num_layers={self.num_layers}")
-        return self
-
-
-def parse_growth_spec(value: Any) -> GrowthSpec:
-    """A `GrowthSpec` from a dict (or spec); errors are `GrowthError` naming the field."""
-    if isinstance(value, GrowthSpec):
-        return value
-    try:
-        return GrowthSpec.model_validate(value or {})
-    except ValidationError as exc:
-        raise GrowthError(describe_validation_error(exc, prefix="growth").replace("Value error, ", "")) from None
 
 
 def resolve_positions(model, num_layers: int, positions=None, policy=None, init=None) -> list[int]:
@@ -118,7 +61,6 @@ def resolve_positions(model, num_layers: int, positions=None, policy=None, init=
         if len(positions) != num_layers:
             raise GrowthError(f"positions={positions} has {len(positions)} entries but num_layers={num_layers}")
         return positions
-    from arbor.plugins import get_registry  # arbor.plugins imports the operators' errors from arbor.growth
 
     registry = get_registry()
     if policy is not None:
@@ -269,6 +211,7 @@ class GrowthStep:
             trigger.grew(step, tokens, model, event)
         summary = event.summary()
         summary.pop("resized", None)
+        summary.pop("positions")  # a record's "positions" are the new layers' indices (event.layers)
         positions = summary.pop("layers")
         record = {"event": "growth", "step": step, "tokens": tokens,
                   "spec": resolved.model_dump(exclude_unset=True) if resolved is not None else vars(op).copy(),

@@ -64,10 +64,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_callback import ExportableState
 
 from arbor.growth_step import GrowthStep, describe_growth, parse_growth_spec
-from arbor.plugins import component_state, load_component_state
+from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
+from arbor.plugins_toml import load_plugins_toml
 
 __all__ = ["GrowthCallback", "prepare_resume", "unwrap_model", "unwrap_optimizer", "unwrap_scheduler"]
 
@@ -106,7 +107,6 @@ def unwrap_scheduler(scheduler):
 
 def _lookup(kind: str, name: str, field: str):
     """The registered ``kind`` called ``name``; the error names ``field`` and the valid names."""
-    from arbor.plugins import get_registry
 
     registry = get_registry()
     if not isinstance(name, str) or not registry.has(kind, name):
@@ -156,8 +156,6 @@ class GrowthCallback(TrainerCallback, ExportableState):
                  new_param_lr_multiplier: float = 1.0, warmup_steps: int = 0, plugins: str | Path | Any = None,
                  log_path: str | Path | None = None, seq_len: int | None = None, probe_batch: Any = None,
                  echo: Callable[[str], None] | None = None):
-        from arbor.plugins_toml import load_plugins_toml
-
         if isinstance(new_param_lr_multiplier, bool) or not isinstance(new_param_lr_multiplier, (int, float)) \
                 or not new_param_lr_multiplier > 0:
             raise ValueError(f"new_param_lr_multiplier={new_param_lr_multiplier!r} is invalid: must be a number > 0")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from arbor.plugins import call_hook
+from arbor.optim import drop_frozen_state
 
 #: Adapter name arbor uses inside peft.
 ADAPTER = "arbor"
@@ -110,7 +112,6 @@ def add_lora(model: nn.Module, layers: list[int], *, r: int = 8, alpha: float = 
     except ImportError:
         raise ImportError("LoRA adapters need peft: pip install 'arbor-lm[lora]'") from None
 
-    from arbor.plugins import call_hook
 
     bad = [t for t in targets if t not in PROJECTIONS]
     if bad:
@@ -139,8 +140,6 @@ def add_lora(model: nn.Module, layers: list[int], *, r: int = 8, alpha: float = 
             p.requires_grad_(trainable.get(name, True))
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     if optimizer is not None:
-        from arbor.optim import drop_frozen_state
-
         group: dict[str, Any] = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         group.pop("arbor_warmup", None)
         if lr is not None:

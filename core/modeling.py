@@ -22,7 +22,7 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from arbor import checkpoint as checkpoint_checks
 from arbor import compat
-from arbor.attention import check_attention_device
+from arbor.attention import check_attention_device, resolve_attn_implementation
 from arbor.compat import (
     ACT2FN,
     ALL_ATTENTION_FUNCTIONS,
@@ -43,6 +43,8 @@ from arbor.compat import (
 from arbor.config import ArborConfig
 from arbor.freezing import FreezableMixin
 from arbor.growable import GrowableMixin
+from arbor.plugins import PluginError, call_hook, get_registry, has_hook_impls, hook_implementers
+from arbor.lora import has_lora, merged_state_dict
 
 
 class ArborRotaryEmbedding(LlamaRotaryEmbedding):
@@ -54,8 +56,6 @@ class ArborRotaryEmbedding(LlamaRotaryEmbedding):
     """
 
     def __init__(self, config: ArborConfig):
-        from arbor.plugins import call_hook
-
         changed = call_hook("arbor_rope_config", config=config, rope_parameters=copy.deepcopy(config.rope_parameters))
         if changed is not None:
             config = copy.copy(config)
@@ -64,8 +64,6 @@ class ArborRotaryEmbedding(LlamaRotaryEmbedding):
                 config.standardize_rope_params()
                 config._check_rope()
             except Exception as exc:
-                from arbor.plugins import PluginError, hook_implementers
-
                 raise PluginError(
                     f"an arbor_rope_config hook ({', '.join(hook_implementers('arbor_rope_config'))}) returned "
                     f"invalid RoPE parameters {changed!r}: {exc}"
@@ -221,7 +219,6 @@ class ArborPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As in transformers; LoRA adapters (`arbor.lora`) are merged into the saved weights, so
         a checkpoint always holds plain Llama-named tensors."""
-        from arbor.lora import has_lora, merged_state_dict
 
         if has_lora(self) and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = merged_state_dict(self)
@@ -234,8 +231,6 @@ class ArborPreTrainedModel(PreTrainedModel):
         # keys here, and an unavailable backend fails now with its reason. Hub kernel
         # references ("org/repo", "paged|...") go to transformers untouched.
         if isinstance(attn_implementation, str) and not any(c in attn_implementation for c in "/|"):
-            from arbor.attention import resolve_attn_implementation
-
             attn_implementation = resolve_attn_implementation(attn_implementation)
         return compat.check_and_adjust_attn_implementation(
             ArborPreTrainedModel, self, attn_implementation, is_init_check, **kwargs
@@ -251,7 +246,6 @@ class ArborPreTrainedModel(PreTrainedModel):
 
 def build_substrate(config: ArborConfig) -> nn.Module:
     """The embedding module of the substrate ``config.substrate`` names."""
-    from arbor.plugins import get_registry
 
     component = get_registry().get("substrate", config.substrate)
     settings = component.validate_settings(config.substrate_settings)
@@ -281,8 +275,6 @@ class _StatsCollection:
             if torch.compiler.is_compiling() or layer_idx in self.seen:
                 return
             self.seen.add(layer_idx)
-            from arbor.plugins import call_hook
-
             hidden_states = args[0] if args else kwargs["hidden_states"]
             call_hook("arbor_pre_forward_stats", model=self.decoder, layer_idx=layer_idx,
                       hidden_states=hidden_states.detach(), step=self.step)
@@ -317,10 +309,13 @@ def _count_stats_forward(decoder: ArborModel, args) -> None:
 class ArborModel(ArborPreTrainedModel):
     """The decoder stack without the LM head."""
 
+    #: The block class; `arbor.growth.insert_layers` builds new layers from it.
+    layer_class = ArborDecoderLayer
+
     def __init__(self, config: ArborConfig):
         super().__init__(config)
         self.embed_tokens = build_substrate(config)
-        self.layers = nn.ModuleList(ArborDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ArborRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -359,8 +354,6 @@ class ArborModel(ArborPreTrainedModel):
             self.stats_step += 1
         if step % self._stats_interval:
             return None
-        from arbor.plugins import has_hook_impls
-
         return step if has_hook_impls("arbor_pre_forward_stats") else None
 
     @accepts_cache_kwarg

@@ -39,8 +39,6 @@ import pluggy
 from pydantic import ValidationError
 
 import arbor_plugins
-from arbor.config import ArborConfigError
-from arbor.growth import GrowthError
 from arbor_plugins import ComponentConflictError, Registry, hookspecs
 
 __all__ = [
@@ -459,7 +457,7 @@ def _result_checks() -> dict[str, Callable[[Any], str | None]]:
 
 #: Errors a component raises about the user's settings (a config field, a growth request): they pass
 #: through the guard unchanged, since they name what the user must fix.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ArborConfigError, GrowthError, ValidationError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (arbor_plugins.UserError, ValidationError)
 
 
 # Calls whose errors are the user's (bad settings), not the plugin's: they pass through unwrapped.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from arbor_plugins import KINDS, Registry, UnknownComponentError
 from arbor_plugins.settings import PluginsFileError, describe_validation_error, parse_plugins_toml
+from arbor.plugins import PluginError, get_registry
 
 __all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "apply_rope_scaling", "load_plugins_toml"]
 
@@ -95,8 +96,6 @@ def load_plugins_toml(path: str | Path | None = None, registry: Registry | None 
         raise PluginsConfigError(f"{path}: {exc}") from None
 
     if registry is None:
-        from arbor.plugins import get_registry
-
         registry = get_registry()
     choices = {}
     for kind, table in parsed.roles().items():
@@ -130,8 +129,6 @@ def apply_rope_scaling(config, selection: Selection | None) -> bool:
     config, so a saved model carries them and loads with the same RoPE anywhere.
     Returns whether anything was applied.
     """
-    from arbor.plugins import PluginError
-
     scaling = selection.component("rope_scaling") if selection is not None else None
     if scaling is None:
         return False

@@ -41,9 +41,11 @@ from arbor.data import batch_at  # the Trainer's batch order; also importable as
 from arbor.flops import FlopCounter
 from arbor.growth_step import GrowthStep, describe_growth
 from arbor.optim import step_warmup
-from arbor.plugins import component_state, load_component_state
+from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.tokenizer import encode
 from arbor_plugins import DEFAULTS
+from arbor.plugins_toml import Selection
+from arbor.modeling import ArborForCausalLM, CompiledForward
 
 
 class TrainingStopped(RuntimeError):
@@ -175,8 +177,6 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
                  out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print):
-        from arbor.plugins_toml import Selection
-
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         self.out = Path(out_dir)
@@ -198,8 +198,6 @@ class Trainer:
 
     # ----------------------------------------------------------- components
     def _component(self, kind: str, name: str | None, settings: dict[str, Any]):
-        from arbor.plugins import get_registry
-
         if name is None and self.selection.name(kind):
             return self.selection.component(kind), self.selection.settings(kind)
         if name is None:
@@ -234,8 +232,6 @@ class Trainer:
         if not (self.config.compile and self.model.training):
             return self.model
         if self._compiled is None:
-            from arbor.modeling import CompiledForward
-
             self._compiled = CompiledForward(self.model, **self.compile_options)
         return self._compiled
 
@@ -407,7 +403,6 @@ class Trainer:
     def resume(cls, checkpoint: str | Path, train_blocks, val_blocks, out_dir: str | Path, tokenizer=None,
                plugins=None, progress: bool = True, echo=print, config: TrainConfig | None = None) -> Trainer:
         """Continue the run saved in ``checkpoint`` (the grown architecture comes from its config)."""
-        from arbor.modeling import ArborForCausalLM
 
         verify_checksums(checkpoint)  # once here; the load below need not hash the files again
         state, tensors = load_trainer_state(checkpoint)

@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from arbor_plugins.growth import AXES  # noqa: F401 - re-exported by arbor_plugins.testing
+
 #: Small configs the checks grow: grouped-query + tied, multi-head + untied, multi-query with one layer.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gqa-tied": dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -19,7 +21,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: Exactness bound at logits of order 1; it scales with the logits' size (fp32 rounding does).
 ATOL = 1e-5
-AXES = ("depth", "ffn", "heads", "hidden")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from arbor_plugins.growth import parse_growth_spec
 from arbor_plugins.testing._common import (
     ATOL,
     AXES,
@@ -163,8 +164,6 @@ def check_insertion_policy(policy: Any, settings: dict[str, Any] | None = None) 
 
 # ------------------------------------------------------------------ triggers
 def _check_decision(check: _Check, decision: Any, step: int) -> dict:
-    from arbor.growable import parse_growth_spec
-
     grow = getattr(decision, "grow", None)
     check(isinstance(grow, bool), f"step {step}: decision.grow={grow!r} must be a bool")
     reason = getattr(decision, "reason", None)
