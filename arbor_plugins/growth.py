@@ -10,7 +10,7 @@
   plugin guard lets through unchanged so their message reaches the user.
 
 They live in the contract package so a plugin can type against them without
-importing arbor's core. `arbor.growth` and `arbor.growth_step` use them.
+importing arbor's core. `arbor.growth.operators` and `arbor.growth.step` use them.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def arbor_pre_forward_stats(model: nn.Module, layer_idx: int, hidden_states: tor
     read the totals when a decision is needed. It fires from module hooks that
     exist only during a collecting forward, so the model's ``forward`` stays
     pure; a model under plain ``torch.compile`` collects nothing (use
-    ``arbor.modeling.CompiledForward``, as ``arbor train --compile`` does).
+    ``arbor.model.modeling.CompiledForward``, as ``arbor train --compile`` does).
     """
 
 

@@ -13,7 +13,7 @@ Scratch runs at each peak learning rate of ``--lrs``, every growth schedule at
 each of ``--growth-lrs`` (at least three each), and the best run of each arm is
 the one reported, so no arm is handicapped by one learning rate; a best rate at
 the edge of its sweep is flagged. Training FLOPs are counted at every optimizer step from the model
-that ran it (`arbor.flops`: forward plus backward of the parameters present
+that ran it (`arbor.training.flops`: forward plus backward of the parameters present
 then, attention included). Validation loss on held-out files is measured at
 regular FLOP intervals (``--evals`` per scratch budget), at every growth step
 and at the end.
@@ -161,7 +161,7 @@ def final_config(args, tokenizer=None) -> dict[str, Any]:
     from arbor import PRESETS as ARBOR_PRESETS
 
     if args.model_config:
-        from arbor.cli_train import read_config_file
+        from arbor.cli.train import read_config_file
 
         spec = read_config_file(args.model_config)
         preset = spec.pop("preset", None)
@@ -237,9 +237,9 @@ class Run:
 
     def __init__(self, name: str, lr: float, model_config: dict[str, Any], events: list[dict[str, Any]],
                  args, data, out: Path, schedule: dict[str, Any] | None = None, selection=None):
-        from arbor.config import ArborConfig
-        from arbor.modeling import ArborForCausalLM
-        from arbor.train import TrainConfig, Trainer
+        from arbor.model.config import ArborConfig
+        from arbor import ArborForCausalLM
+        from arbor.training.trainer import TrainConfig, Trainer
 
         self.name, self.lr, self.events = name, lr, list(events)
         train_blocks, self.val_blocks = data
@@ -350,8 +350,8 @@ def load_schedules(text: str) -> dict[str, dict[str, Any]]:
 
 def prepare_data(args):
     """Tokenizer and blocks, exactly as ``arbor train`` builds them; a fixed evaluation subset."""
-    from arbor.cli_train import prepare
-    from arbor.train import TrainConfig
+    from arbor.cli.train import prepare
+    from arbor.training.trainer import TrainConfig
 
     config = TrainConfig(data=args.data, vocab_size=args.vocab_size, seq_len=args.seq_len, seed=args.seed)
     tokenizer, train_blocks, val_blocks = prepare(config, echo=lambda m: print(m, file=sys.stderr))
@@ -364,8 +364,8 @@ def prepare_data(args):
 def run_benchmark(args) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from arbor.flops import training_flops_per_token
-    from arbor.config import ArborConfig
+    from arbor.training.flops import training_flops_per_token
+    from arbor.model.config import ArborConfig
 
     started = time.perf_counter()
     schedules = load_schedules(args.schedules)
@@ -381,7 +381,7 @@ def run_benchmark(args) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     selection = None
     if args.plugins:
-        from arbor.plugins_toml import load_plugins_toml
+        from arbor.plugins.selection import load_plugins_toml
 
         selection = load_plugins_toml(args.plugins)
     params = sum(p.numel() for p in _build(final).parameters())
@@ -450,8 +450,8 @@ def run_benchmark(args) -> dict[str, Any]:
 
 
 def _build(config: dict[str, Any]):
-    from arbor.config import ArborConfig
-    from arbor.modeling import ArborForCausalLM
+    from arbor.model.config import ArborConfig
+    from arbor import ArborForCausalLM
 
     return ArborForCausalLM._from_config(ArborConfig(**config))
 

@@ -7,8 +7,9 @@ loads an arbor checkpoint.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from arbor.config import PRESETS, ArborConfig, ArborConfigError
-from arbor.modeling import ArborForCausalLM, ArborModel, ArborPreTrainedModel, count_parameters
+from arbor.growth.growable import ArborForCausalLM
+from arbor.model.config import PRESETS, ArborConfig, ArborConfigError
+from arbor.model.modeling import ArborModel, ArborPreTrainedModel, count_parameters
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from arbor.cli import main
+from arbor.cli.main import main
 
 sys.exit(main())

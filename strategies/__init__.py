@@ -34,7 +34,7 @@ MASKS_KEY, LORA_KEY, STATS_KEY = "arbor_strategies.masked", "arbor_strategies.lo
 
 @hookimpl
 def arbor_state_dict(model):
-    from arbor.lora import lora_state
+    from arbor.growth.lora import lora_state
 
     state = {MASKS_KEY: mask_state(model), LORA_KEY: lora_state(model), STATS_KEY: stats_state(model)}
     return {key: value for key, value in state.items() if value is not None} or None
@@ -42,7 +42,7 @@ def arbor_state_dict(model):
 
 @hookimpl
 def arbor_load_state(model, state):
-    from arbor.lora import restore_lora
+    from arbor.growth.lora import restore_lora
 
     restore_lora(model, state.get(LORA_KEY))  # first: masks may sit on the projections it wraps
     load_mask_state(model, state.get(MASKS_KEY))

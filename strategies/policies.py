@@ -109,7 +109,7 @@ class LoraBelow(FreezePolicy):
     Settings = LoraBelowSettings
 
     def apply(self, model, event, settings: LoraBelowSettings, optimizer=None) -> list[str]:
-        from arbor.lora import add_lora
+        from arbor.growth.lora import add_lora
 
         if event.axis != "depth":
             return []

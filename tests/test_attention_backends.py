@@ -6,7 +6,7 @@ shape, with and without left padding, on a fresh and on a grown, uneven model,
 and left-padded cached generation. A kernel compiled for the first shape it
 sees and reused for the next passes a single call and fails these.
 
-flex attention is refused on CPU (see `arbor.attention.flex_cpu_refusal`); the
+flex attention is refused on CPU (see `arbor.model.attention.flex_cpu_refusal`); the
 refusal is checked here, and flex runs the parity checks where CUDA is.
 """
 
@@ -19,7 +19,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 import arbor_plugins
-from arbor import ArborConfig, ArborForCausalLM, attention
+from arbor import ArborConfig, ArborForCausalLM
+from arbor.model import attention
 from arbor.plugins import get_registry
 from arbor_plugins.testing import check_attention_backend
 

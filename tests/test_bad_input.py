@@ -166,8 +166,8 @@ def test_a_run_whose_loss_becomes_infinite_stops_with_its_checkpoint_intact(tmp_
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not all finite" in err[0] and "Traceback" not in err[0]
-    from arbor.checkpoint import verify_checksums
-    from arbor.checkpointing import list_checkpoints
+    from arbor.model.checkpoint import verify_checksums
+    from arbor.training.checkpointing import list_checkpoints
 
     for checkpoint in list_checkpoints(run):  # whatever was saved is intact and finite
         assert verify_checksums(checkpoint)
@@ -211,8 +211,8 @@ PLUGIN_CASES = [
 
 @pytest.mark.parametrize(("settings", "fragment"), [c[1:] for c in PLUGIN_CASES], ids=[c[0] for c in PLUGIN_CASES])
 def test_a_failing_plugin_stops_the_run_in_one_line(faulty_plugin, tmp_path, capsys, settings, fragment):
-    from arbor.checkpoint import verify_checksums
-    from arbor.checkpointing import list_checkpoints
+    from arbor.model.checkpoint import verify_checksums
+    from arbor.training.checkpointing import list_checkpoints
 
     run = tmp_path / "run"
     argv = ["train", *TINY, "--out", str(run), "--max-steps", "4", "--set", "save_interval=1", *settings]
@@ -230,8 +230,8 @@ def test_a_failing_plugin_stops_the_run_in_one_line(faulty_plugin, tmp_path, cap
 
 # ------------------------------------------------------------------- odd text
 def test_data_with_lone_surrogates_and_special_token_text_trains(tmp_path, capsys):
-    from arbor.cli_train import prepare
-    from arbor.train import TrainConfig
+    from arbor.cli.train import prepare
+    from arbor.training.trainer import TrainConfig
 
     data = tmp_path / "data.jsonl"
     docs = [f"document {i}: text <|eos|> that names <|bos|> special tokens \ud800 and a lone surrogate " * 8

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from arbor.config import ArborConfig
-from arbor.flops import training_flops_per_token
+from arbor.model.config import ArborConfig
+from arbor.training.flops import training_flops_per_token
 
 PATH = Path(__file__).resolve().parents[1] / "benches" / "efficiency.py"
 

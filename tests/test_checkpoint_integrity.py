@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.checkpoint import CHECKSUMS, CheckpointIntegrityError, verify_checksums
-from arbor.checkpointing import (
+from arbor.model.checkpoint import CHECKSUMS, CheckpointIntegrityError, verify_checksums
+from arbor.training.checkpointing import (
     CheckpointError,
     latest_intact_checkpoint,
     list_checkpoints,
@@ -21,7 +21,7 @@ from arbor.checkpointing import (
     save_checkpoint,
 )
 from arbor.cli import main
-from arbor.train import truncate_metrics
+from arbor.training.trainer import truncate_metrics
 
 
 def tiny_model() -> ArborForCausalLM:
@@ -201,7 +201,7 @@ FILES = ["config.json", "generation_config.json", "model.safetensors", "optimize
 @given(name=st.sampled_from(FILES), data=st.binary(max_size=512), keep_checksums=st.booleans())
 def test_random_bytes_in_any_checkpoint_file_fail_cleanly_naming_the_file(pristine, tmp_path_factory, name, data,
                                                                           keep_checksums):
-    from arbor.train import Trainer
+    from arbor.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("damaged")
     checkpoint = run / "checkpoints" / pristine.name

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from arbor.cli import COMMANDS, main
-from arbor.config import PRESETS, ArborConfig
-from arbor.modeling import ArborForCausalLM, count_parameters
+from arbor.model.config import PRESETS, ArborConfig
+from arbor import ArborForCausalLM, count_parameters
 from arbor.plugins import reset_plugins
 from test_plugins import REGISTERING_PLUGIN, make_dist
 

@@ -114,8 +114,8 @@ def test_train_bad_input(tmp_path, capsys, argv, message):
 
 
 def test_auto_tokenizer_follows_the_substrate():
-    from arbor.cli_train import _substrate_tokenizer
-    from arbor.train import TrainConfig
+    from arbor.cli.train import _substrate_tokenizer
+    from arbor.training.trainer import TrainConfig
 
     glyphs = _substrate_tokenizer(TrainConfig(model={"preset": "tiny", "substrate": "unicode-glyphs"}))
     assert len(glyphs) == 65_536 and glyphs("Aé").input_ids == [ord("A"), ord("é")]

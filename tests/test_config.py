@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedConfig
 
 from arbor import ArborConfig, ArborConfigError, ArborForCausalLM
-from arbor.config import KEY_ALIASES, PRESETS, ArborConfigKeyError, closest_field
+from arbor.model.config import KEY_ALIASES, PRESETS, ArborConfigKeyError, closest_field
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)

@@ -91,7 +91,7 @@ class ResizingScheme(InitScheme):
     axes = ("depth",)
 
     def initialize(self, model, event, settings):
-        from arbor.modeling import ArborMLP
+        from arbor.model.modeling import ArborMLP
 
         i = event.layers[0]
         model.model.layers[i].mlp = ArborMLP(model.config, model.config.layer_intermediate_sizes[i] * 2)

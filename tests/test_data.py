@@ -1,4 +1,4 @@
-"""Corpora, the train/validation split, token packing and the training batch order (`arbor.data`)."""
+"""Corpora, the train/validation split, token packing and the training batch order (`arbor.training.data`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from arbor.data import (
+from arbor.training.data import (
     MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT,
     DataError,
     PackedDataset,
@@ -19,7 +19,7 @@ from arbor.data import (
     split_documents,
     tokenize_documents,
 )
-from arbor.tokenizer import train_bpe
+from arbor.training.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +235,9 @@ def dataset(corpus, tokenizer):
 
 
 def test_batch_at_is_the_trainers_order_and_visits_each_block_once_per_epoch(dataset):
-    import arbor.train
+    import arbor.training.trainer
 
-    assert arbor.train.batch_at is batch_at
+    assert arbor.training.trainer.batch_at is batch_at
     first = [batch_at(dataset.blocks, i, 4, seed=3) for i in range(5)]
     assert all(b.shape == (4, 16) and b.dtype == dataset.blocks.dtype for b in first)
     assert all(torch.equal(a, batch_at(dataset.blocks, i, 4, seed=3)) for i, a in enumerate(first))
@@ -275,7 +275,7 @@ def _fake_stdlib(root, files=60):
 
 
 def test_stdlib_files_skip_tests_and_third_party_packages_in_path_order(tmp_path):
-    from arbor.data import read_stdlib, stdlib_files
+    from arbor.training.data import read_stdlib, stdlib_files
 
     listed = _fake_stdlib(tmp_path)
     assert stdlib_files(tmp_path) == listed  # sorted relative POSIX paths, nothing from the excluded folders
@@ -293,7 +293,7 @@ def test_stdlib_files_skip_tests_and_third_party_packages_in_path_order(tmp_path
 
 
 def test_split_files_is_by_file_deterministic_and_near_the_fraction():
-    from arbor.data import split_files
+    from arbor.training.data import split_files
 
     names = [f"pkg{i % 13}/mod{i}.py" for i in range(4000)]
     train, val = split_files(names, 0.02, seed=0)
@@ -312,7 +312,7 @@ def test_split_files_is_by_file_deterministic_and_near_the_fraction():
 
 
 def test_load_split_splits_stdlib_by_file_and_other_corpora_as_before(tmp_path, monkeypatch):
-    import arbor.data as data
+    import arbor.training.data as data
 
     _fake_stdlib(tmp_path)
     monkeypatch.setattr(data, "stdlib_root", lambda: tmp_path)
@@ -327,7 +327,7 @@ def test_load_split_splits_stdlib_by_file_and_other_corpora_as_before(tmp_path, 
 
 
 def test_the_real_stdlib_lists_many_files_and_no_tests():
-    from arbor.data import STDLIB_EXCLUDED_DIRS, stdlib_files
+    from arbor.training.data import STDLIB_EXCLUDED_DIRS, stdlib_files
 
     names = stdlib_files()
     assert len(names) > 500 and names == sorted(names)
@@ -337,8 +337,8 @@ def test_the_real_stdlib_lists_many_files_and_no_tests():
 
 
 def test_preflight_accepts_the_stdlib_corpus(tmp_path, monkeypatch):
-    from arbor.preflight import RunCheckError, check_run
-    from arbor.train import TrainConfig
+    from arbor.training.preflight import RunCheckError, check_run
+    from arbor.training.trainer import TrainConfig
 
     monkeypatch.chdir(tmp_path)  # no file or directory named "stdlib" here
     check_run(TrainConfig.model_validate({"data": "stdlib"}))
@@ -348,8 +348,8 @@ def test_preflight_accepts_the_stdlib_corpus(tmp_path, monkeypatch):
 
 def test_the_default_run_reads_less_than_one_epoch_of_the_stdlib():
     """`arbor train` on its defaults must not memorise: every training batch is new text."""
-    from arbor.cli_train import prepare
-    from arbor.train import TrainConfig
+    from arbor.cli.train import prepare
+    from arbor.training.trainer import TrainConfig
 
     config = TrainConfig()
     assert config.data == "stdlib"

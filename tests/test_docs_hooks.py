@@ -64,11 +64,11 @@ def test_every_field_of_the_growth_types_is_documented():
 
 
 def test_the_types_are_the_ones_core_uses():
-    import arbor.growth
-    import arbor.growth_step
+    import arbor.growth.operators
+    import arbor.growth.step
 
-    assert arbor.growth.GrowthEvent is arbor_plugins.GrowthEvent
-    assert arbor.growth.ResizedParameter is arbor_plugins.ResizedParameter
-    assert arbor.growth_step.GrowthSpec is arbor_plugins.GrowthSpec
-    assert issubclass(arbor.growth.GrowthError, arbor_plugins.UserError)
-    assert issubclass(arbor.config.ArborConfigError, arbor_plugins.UserError)
+    assert arbor.growth.operators.GrowthEvent is arbor_plugins.GrowthEvent
+    assert arbor.growth.operators.ResizedParameter is arbor_plugins.ResizedParameter
+    assert arbor.growth.step.GrowthSpec is arbor_plugins.GrowthSpec
+    assert issubclass(arbor.growth.operators.GrowthError, arbor_plugins.UserError)
+    assert issubclass(arbor.model.config.ArborConfigError, arbor_plugins.UserError)

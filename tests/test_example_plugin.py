@@ -26,7 +26,7 @@ import torch
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.plugins import unwrap
 from arbor.plugins import reset_plugins
-from arbor.plugins_toml import load_plugins_toml
+from arbor.plugins.selection import load_plugins_toml
 from arbor_plugins.testing import check_plugin
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "arbor-strategy-example"
@@ -99,9 +99,9 @@ def test_conformance_kit_passes_on_it(installed):
 def test_its_stateful_init_scheme_survives_save_and_resume(installed, tmp_path):
     # fade-in's gates open over training forwards; the weights do not hold how far. A run resumed
     # mid-fade gets them back through arbor_state_dict / arbor_load_state and trains as the one that never stopped.
-    from arbor.checkpointing import latest_checkpoint, load_trainer_state
-    from arbor.plugins_toml import Selection
-    from arbor.train import TrainConfig, Trainer
+    from arbor.training.checkpointing import latest_checkpoint, load_trainer_state
+    from arbor.plugins.selection import Selection
+    from arbor.training.trainer import TrainConfig, Trainer
 
     gen = torch.Generator().manual_seed(0)
     train, val = markov_batch(gen).repeat(4, 1), markov_batch(gen)

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import LlamaForCausalLM
 
-import arbor.export
+import arbor.growth.export
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.cli import main
-from arbor.export import ExportError, to_llama
+from arbor.growth.export import ExportError, to_llama
 from arbor.plugins import get_plugin_manager
 
 ATOL = 1e-5
@@ -305,14 +305,14 @@ def without_arbor(tmp_path_factory):
 
 def break_export(monkeypatch):
     """Make the written weights differ from the model's: a wrong final norm."""
-    original = arbor.export.llama_state_dict
+    original = arbor.growth.export.llama_state_dict
 
     def wrong(*args, **kwargs):
         sd = original(*args, **kwargs)
         sd["model.norm.weight"] = sd["model.norm.weight"] * 1.5
         return sd
 
-    monkeypatch.setattr(arbor.export, "llama_state_dict", wrong)
+    monkeypatch.setattr(arbor.growth.export, "llama_state_dict", wrong)
 
 
 def test_verification_failure_leaves_no_export(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.checkpointing import latest_checkpoint
-from arbor.flops import FlopCounter, forward_flops_per_token, training_flops, training_flops_per_token
-from arbor.train import TrainConfig, Trainer
+from arbor.training.checkpointing import latest_checkpoint
+from arbor.training.flops import FlopCounter, forward_flops_per_token, training_flops, training_flops_per_token
+from arbor.training.trainer import TrainConfig, Trainer
 
 SEQ = 16
 # The tiny model: vocab V=48, hidden h=32, 2 layers, H=4 heads of d=8, K=2 kv heads, FFN F=64.
@@ -118,7 +118,7 @@ def test_a_frozen_substrate_keeps_the_three_x_rule():
 
 def test_lora_adapters_add_their_matmuls():
     pytest.importorskip("peft")
-    from arbor.lora import add_lora
+    from arbor.growth.lora import add_lora
 
     model = tiny(tie_word_embeddings=False)
     add_lora(model, [1], r=2, targets=("q_proj",))

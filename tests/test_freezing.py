@@ -1,4 +1,4 @@
-"""Freezing by selector (`arbor.freezing`).
+"""Freezing by selector (`arbor.growth.freezing`).
 
 Every selector form resolves to the expected parameter names, bad selectors
 fail with an error naming the problem, frozen tensors never move (not by
@@ -15,7 +15,7 @@ from torch import nn
 
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.freezing import FreezeError, freeze, select_parameters, unfreeze
+from arbor.growth.freezing import FreezeError, freeze, select_parameters, unfreeze
 
 
 def tiny(**overrides) -> ArborForCausalLM:

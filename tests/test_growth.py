@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM, compat
-from arbor.growth import GrowthError
+from arbor.growth.operators import GrowthError
 from arbor.plugins import get_plugin_manager
 from arbor_strategies.init_schemes import bake_masks
 

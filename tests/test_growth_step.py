@@ -20,10 +20,10 @@ from transformers import TrainerState
 
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.cli import main
-from arbor.growth_step import GrowthStep, Operation, describe_growth
-from arbor.integrations import GrowthCallback
-from arbor.plugins_toml import Selection
-from arbor.train import TrainConfig, Trainer
+from arbor.growth.step import GrowthStep, Operation, describe_growth
+from arbor.training.integrations import GrowthCallback
+from arbor.plugins.selection import Selection
+from arbor.training.trainer import TrainConfig, Trainer
 from arbor_plugins.components import Decision
 
 VOCAB, SEQ = 48, 12

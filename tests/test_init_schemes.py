@@ -7,7 +7,7 @@ import torch
 
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.growth import GrowthError
+from arbor.growth.operators import GrowthError
 from arbor.plugins import get_plugin_manager
 from arbor_strategies.init_schemes import bake_masks
 

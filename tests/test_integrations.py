@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from arbor import ArborConfig, ArborForCausalLM, compat
-from arbor.integrations import GrowthCallback, prepare_resume, unwrap_optimizer
+from arbor.training.integrations import GrowthCallback, prepare_resume, unwrap_optimizer
 
 SEQ, VOCAB = 16, 48
 

@@ -1,4 +1,4 @@
-"""LoRA on older layers (`arbor.lora`, the ``lora-below`` freeze policy): trains, saves merged, grows on."""
+"""LoRA on older layers (`arbor.growth.lora`, the ``lora-below`` freeze policy): trains, saves merged, grows on."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.export import to_llama
-from arbor.lora import add_lora, has_lora, merge_lora
+from arbor.growth.export import to_llama
+from arbor.growth.lora import add_lora, has_lora, merge_lora
 from arbor.plugins import get_registry
 
 pytest.importorskip("peft")

@@ -1,4 +1,4 @@
-"""Optimizer carry-over across growth steps (`arbor.optim`).
+"""Optimizer carry-over across growth steps (`arbor.growth.optim`).
 
 The state of old units must survive growth untouched (old slices equal, new
 slices zero, ``step`` kept), new layers train in their own group with a scaled
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import arbor
-from arbor.growth import add_heads, insert_layers, widen_hidden, widen_mlp
-from arbor.optim import carry_over, drop_frozen_state, step_warmup
+from arbor.growth.operators import add_heads, insert_layers, widen_hidden, widen_mlp
+from arbor.growth.optim import carry_over, drop_frozen_state, step_warmup
 
 GROW = {
     "ffn": lambda m: widen_mlp(m, 64),
@@ -128,7 +128,7 @@ def test_model_api_hands_each_tensor_over_at_once(tied, monkeypatch):
     import gc
     import weakref
 
-    from arbor import growth
+    from arbor.growth import operators as growth
 
     model = tiny(tie_word_embeddings=tied)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

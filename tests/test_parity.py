@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.export import to_llama_config
+from arbor.growth.export import to_llama_config
 
 ATOL = 1e-5
 

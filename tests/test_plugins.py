@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 import arbor_plugins
-from arbor import attention
+from arbor.model import attention
 from arbor.plugins import (
     ArborPluginWarning,
     PluginLoadError,
@@ -26,7 +26,7 @@ from arbor.plugins import (
     plugin_infos,
     reset_plugins,
 )
-from arbor.plugins_toml import PluginsConfigError, load_plugins_toml
+from arbor.plugins.selection import PluginsConfigError, load_plugins_toml
 from arbor_plugins import ComponentConflictError
 from arbor_plugins.settings import PluginsFileError, parse_plugins_toml
 
@@ -356,8 +356,8 @@ def test_a_rope_scaling_chosen_in_plugins_toml_changes_the_model_arbor_train_bui
     import torch
 
     from arbor import ArborForCausalLM
-    from arbor.cli_train import build_model
-    from arbor.train import TrainConfig
+    from arbor.cli.train import build_model
+    from arbor.training.trainer import TrainConfig
 
     tokenizer = type("Tok", (), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "__len__": lambda s: 64})()
     config = TrainConfig.model_validate({"model": {"preset": "tiny"}})
@@ -464,7 +464,7 @@ def _tiny(**kw):
 def _trainer(tmp_path, trigger):
     import torch
 
-    from arbor.train import TrainConfig, Trainer
+    from arbor.training.trainer import TrainConfig, Trainer
 
     data = torch.randint(0, 48, (16, 16))
     config = TrainConfig.model_validate({"max_steps": 4, "batch_size": 2, "seq_len": 16, "save_interval": 2,

@@ -1,4 +1,4 @@
-"""Every setting of a run is checked before any work, all problems at once (`arbor.preflight`)."""
+"""Every setting of a run is checked before any work, all problems at once (`arbor.training.preflight`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from arbor.cli import main
-from arbor.preflight import RunCheckError, check_run
-from arbor.train import TrainConfig
+from arbor.training.preflight import RunCheckError, check_run
+from arbor.training.trainer import TrainConfig
 
 
 def problems(**settings) -> list[str]:

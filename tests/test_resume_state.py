@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.checkpointing import latest_checkpoint, load_trainer_state
+from arbor.training.checkpointing import latest_checkpoint, load_trainer_state
 from arbor.cli import main
-from arbor.plugins_toml import Selection
-from arbor.train import TrainConfig, Trainer
+from arbor.plugins.selection import Selection
+from arbor.training.trainer import TrainConfig, Trainer
 
 pytest.importorskip("peft")
 

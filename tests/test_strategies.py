@@ -9,7 +9,7 @@ import torch
 
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.plugins import get_registry
-from arbor.plugins_toml import PluginsConfigError, load_plugins_toml
+from arbor.plugins.selection import PluginsConfigError, load_plugins_toml
 from arbor_strategies.stats import LayerStats, layer_utilization
 
 IDS = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from arbor import ArborConfig, ArborConfigError, ArborForCausalLM
-from arbor.export import to_llama
-from arbor.freezing import FreezeError
+from arbor.growth.export import to_llama
+from arbor.growth.freezing import FreezeError
 from arbor_substrates.binary import binary_matrix, bit_matrix, needed_bits
 from arbor_substrates.tokenizer import (
     BMP_SIZE,

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from arbor import ArborConfig, ArborForCausalLM
 from arbor.cli import main
-from arbor.data import tokenize_documents
-from arbor.tokenizer import clean_text, encode, train_bpe
+from arbor.training.data import tokenize_documents
+from arbor.training.tokenizer import clean_text, encode, train_bpe
 from arbor_substrates.tokenizer import build_codepoint_tokenizer
 
 TEXTS = ["def grow(model):\n    return model\n", "plain words and more words " * 20, "naïve café 日本語"]

@@ -1,4 +1,4 @@
-"""Byte-level BPE training and tokenizer loading (`arbor.tokenizer`)."""
+"""Byte-level BPE training and tokenizer loading (`arbor.training.tokenizer`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from arbor.data import builtin_corpus
-from arbor.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe
+from arbor.training.data import builtin_corpus
+from arbor.training.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe
 
 SAMPLES = [
     "def grow(model):\n    return model  # plain ASCII\n",
@@ -128,7 +128,7 @@ def llama3_style_tokenizer_json(path, texts):
 
 
 def test_llama3_style_json_loads_with_bos_and_eos(corpus, tmp_path):
-    from arbor.data import tokenize_documents
+    from arbor.training.data import tokenize_documents
 
     loaded = load_tokenizer(llama3_style_tokenizer_json(tmp_path / "tokenizer.json", corpus[:20]))
     assert (loaded.bos_token, loaded.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.checkpointing import latest_checkpoint, list_checkpoints, save_checkpoint
-from arbor.train import TrainConfig, Trainer, batch_at, lr_factor
+from arbor.training.checkpointing import latest_checkpoint, list_checkpoints, save_checkpoint
+from arbor.training.trainer import TrainConfig, Trainer, batch_at, lr_factor
 
 
 def blocks(n=72, seq=24, vocab=48):
@@ -86,7 +86,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import time, torch
         from arbor import ArborConfig, ArborForCausalLM
-        from arbor.checkpointing import save_checkpoint
+        from arbor.training.checkpointing import save_checkpoint
         m = ArborForCausalLM(ArborConfig.from_preset("tiny", vocab_size=48))
         class SlowTokenizer:
             def save_pretrained(self, path):

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from arbor import ArborConfig, ArborForCausalLM
-from arbor.checkpoint import verify_checksums
-from arbor.checkpointing import latest_checkpoint
-from arbor.train import TrainConfig, Trainer, TrainingStopped
+from arbor.model.checkpoint import verify_checksums
+from arbor.training.checkpointing import latest_checkpoint
+from arbor.training.trainer import TrainConfig, Trainer, TrainingStopped
 
 
 def blocks(n=40, seq=16, vocab=48):

@@ -206,7 +206,7 @@ def check_trigger(trigger: Any, settings: dict[str, Any] | None = None, steps: i
     """
     import torch
 
-    from arbor.plugins_toml import Selection
+    from arbor.plugins.selection import Selection
 
     name, trigger, _ = _resolve("trigger", trigger)
     check = _Check("trigger", name)

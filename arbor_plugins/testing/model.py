@@ -86,7 +86,7 @@ def check_substrate(substrate: Any, settings: dict[str, Any] | None = None, expo
     elif trainable and all(grads.get(n) is None for n in trainable):
         check.note("trainable parameters got no gradient from the language-model loss")
     if export:
-        from arbor.export import ExportError, to_llama
+        from arbor.growth.export import ExportError, to_llama
 
         with tempfile.TemporaryDirectory() as tmp:
             try:

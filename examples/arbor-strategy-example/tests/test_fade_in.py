@@ -13,7 +13,7 @@ BATCH = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(0)
 
 
 def grow(model, steps=4):
-    from arbor.growth import insert_layers
+    from arbor.growth.operators import insert_layers
 
     return insert_layers(model, [1], init=SCHEME, init_settings={"steps": steps})
 

@@ -1,8 +1,15 @@
-"""The growth methods of `ArborForCausalLM`, and ``model.grow()``.
+"""The growable model: ``arbor.ArborForCausalLM``, and its growth methods with ``model.grow()``.
 
-Each method builds an `arbor.growth_step.GrowthStep` and takes one step, so
-a model grown here, by `arbor.train.Trainer`, by
-`arbor.integrations.GrowthCallback` or by ``arbor grow`` goes through the same
+`ArborForCausalLM` here is the decoder of `arbor.model.modeling` plus the
+growth methods of `GrowableMixin`, the freezing of
+`arbor.growth.freezing.FreezableMixin` and the merging of LoRA adapters on
+save. It keeps the name of the class it extends, so ``config.json`` names the
+same architecture whichever of the two saved it; importing ``arbor``
+registers this one with transformers' Auto classes.
+
+Each method builds an `arbor.growth.step.GrowthStep` and takes one step, so
+a model grown here, by `arbor.training.trainer.Trainer`, by
+`arbor.training.integrations.GrowthCallback` or by ``arbor grow`` goes through the same
 code. ``grow()`` takes one step of the growth the config names
 (``config.growth``, a `GrowthSpec`), with the init scheme and insertion
 policy ``plugins.toml`` picks::
@@ -16,12 +23,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from arbor.growth import GrowthError, GrowthEvent
-from arbor.growth_step import GrowthSpec, GrowthStep, Operation, parse_growth_spec
-from arbor.plugins_toml import Selection
+from arbor.growth.freezing import FreezableMixin
+from arbor.growth.lora import has_lora, merged_state_dict
+from arbor.growth.operators import GrowthError, GrowthEvent
+from arbor.growth.step import GrowthSpec, GrowthStep, Operation, parse_growth_spec
+from arbor.model import modeling
+from arbor.plugins.selection import Selection
 from arbor_plugins import DEFAULTS
 
-__all__ = ["GrowableMixin", "GrowthSpec", "parse_growth_spec"]
+__all__ = ["ArborForCausalLM", "GrowableMixin", "GrowthSpec", "parse_growth_spec"]
 
 
 class GrowableMixin:
@@ -30,7 +40,7 @@ class GrowableMixin:
     Every method grows the model in place, exactly with an exact ``init``
     (default ``"zero"``), fires the matching ``arbor_grow_*`` hook, moves the
     state of ``optimizer`` (and ``scheduler``) into the new shapes when given
-    (``optim_kwargs`` go to `arbor.optim.carry_over`: ``new_param_lr_multiplier``,
+    (``optim_kwargs`` go to `arbor.growth.optim.carry_over`: ``new_param_lr_multiplier``,
     ``warmup_steps``), and returns the `GrowthEvent`.
     """
 
@@ -91,3 +101,16 @@ _NO_PLUGINS = Selection()
 def _check_optim(optimizer, optim_kwargs) -> None:
     if optim_kwargs and optimizer is None:
         raise GrowthError(f"{', '.join(optim_kwargs)} only apply together with optimizer=")
+
+
+class ArborForCausalLM(GrowableMixin, FreezableMixin, modeling.ArborForCausalLM):
+    """The arbor language model: the decoder of `arbor.model.modeling.ArborForCausalLM`, which
+    grows (`GrowableMixin`), freezes (`arbor.growth.freezing.FreezableMixin`) and saves LoRA
+    adapters merged into plain Llama-named weights."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As in transformers; LoRA adapters (`arbor.growth.lora`) are merged into the saved
+        weights, so a checkpoint always holds plain Llama-named tensors."""
+        if has_lora(self) and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = merged_state_dict(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)

@@ -13,6 +13,10 @@ an exact init).
 The learning rate is computed from the step, not kept in a scheduler object:
 ``lr(group) = lr * group multiplier * schedule(step) * group warm-up``, so the
 new param groups growth adds and a resumed run need no scheduler surgery.
+
+The module is the `Trainer` class (loop, evaluation, checkpoints, resume) and
+its config; growth itself is `arbor.growth.step.GrowthStep`, data order
+`arbor.training.data.batch_at` and checkpoint files `arbor.training.checkpointing`.
 """
 
 from __future__ import annotations
@@ -20,15 +24,23 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbor import compat
-from arbor.checkpoint import verify_checksums
-from arbor.checkpointing import (
+from arbor.growth.growable import ArborForCausalLM
+from arbor.growth.optim import step_warmup
+from arbor.growth.step import GrowthStep, describe_growth
+from arbor.model.checkpoint import verify_checksums
+from arbor.model.modeling import CompiledForward
+from arbor.plugins import component_state, get_registry, load_component_state
+from arbor.plugins.selection import Selection
+from arbor.training.checkpointing import (
     CheckpointError,
     latest_checkpoint,
     load_trainer_state,
@@ -37,15 +49,12 @@ from arbor.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from arbor.data import batch_at  # the Trainer's batch order; also importable as arbor.train.batch_at
-from arbor.flops import FlopCounter
-from arbor.growth_step import GrowthStep, describe_growth
-from arbor.optim import step_warmup
-from arbor.plugins import component_state, get_registry, load_component_state
-from arbor.tokenizer import encode
+from arbor.training.data import (
+    batch_at,  # the Trainer's batch order; also importable as arbor.training.trainer.batch_at
+)
+from arbor.training.flops import FlopCounter
+from arbor.training.tokenizer import encode
 from arbor_plugins import DEFAULTS
-from arbor.plugins_toml import Selection
-from arbor.modeling import ArborForCausalLM, CompiledForward
 
 
 class TrainingStopped(RuntimeError):
@@ -102,7 +111,7 @@ class TrainConfig(_Strict):
     max_steps: int = Field(1000, ge=1)
     bf16: bool = False
     gradient_checkpointing: bool = False
-    #: Train through ``torch.compile`` (`arbor.modeling.CompiledForward`; statistics as in an eager
+    #: Train through ``torch.compile`` (`arbor.model.modeling.CompiledForward`; statistics as in an eager
     #: run); the compiled graphs are dropped after each growth step and rebuilt on the next step.
     compile: bool = False
     eval_interval: int = Field(100, ge=1)
@@ -172,11 +181,15 @@ def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dic
 class Trainer:
     """One training run in ``out_dir``: metrics, checkpoints, growth events."""
 
-    #: Keyword arguments of ``torch.compile`` when ``config.compile`` is on (e.g. ``backend``, ``mode``).
-    compile_options: dict[str, Any] = {}
+    #: Keyword arguments of ``torch.compile`` when ``config.compile`` is on (e.g. ``backend``, ``mode``,
+    #: ``fullgraph``): none by default; a run passes its own as ``compile_options=``.
+    compile_options: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
-                 out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print):
+                 out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print,
+                 compile_options: Mapping[str, Any] | None = None):
+        if compile_options is not None:
+            self.compile_options = MappingProxyType(dict(compile_options))
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         self.out = Path(out_dir)
@@ -297,13 +310,14 @@ class Trainer:
     def grow(self, decision) -> dict[str, Any]:
         """Take one growth step now; returns the record written to ``metrics.jsonl``."""
         result = self.growth_step(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
-                                  reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger)
+                                  reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger,
+                                  trigger_name=self.trigger_name)
         if self._compiled is not None:
             # Its graphs were traced for the old shapes: free them (dynamo's caches are per process)
             # rather than pile up recompilations; the next training step compiles the grown model.
             self._compiled = None
             torch.compiler.reset()
-        record = {**result.record, "trigger": self.trigger_name}
+        record = result.record
         self.history.append(record)
         self._log(record)
         if record.get("claimed_exact"):  # the init scheme promised an unchanged function; the probe says otherwise

@@ -8,6 +8,10 @@ peft targets, weight tools and the Llama export speak the same names.
 What transformers already maintains is reused rather than rewritten: Llama's
 RMSNorm, the attention function interface (eager, sdpa, flex, flash), mask
 creation, RoPE init functions, ``DynamicCache``, ``GenerationMixin`` and the loss.
+
+The whole decoder is one module, as transformers keeps each model in one
+modeling file: the classes are small and read in the order a forward runs,
+and splitting them would scatter one forward pass over several files.
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
-from arbor import checkpoint as checkpoint_checks
 from arbor import compat
-from arbor.attention import check_attention_device, resolve_attn_implementation
 from arbor.compat import (
     ACT2FN,
     ALL_ATTENTION_FUNCTIONS,
@@ -40,11 +42,10 @@ from arbor.compat import (
     eager_attention_forward,
     merge_with_config_defaults,
 )
-from arbor.config import ArborConfig
-from arbor.freezing import FreezableMixin
-from arbor.growable import GrowableMixin
+from arbor.model import checkpoint as checkpoint_checks
+from arbor.model.attention import check_attention_device, resolve_attn_implementation
+from arbor.model.config import ArborConfig
 from arbor.plugins import PluginError, call_hook, get_registry, has_hook_impls, hook_implementers
-from arbor.lora import has_lora, merged_state_dict
 
 
 class ArborRotaryEmbedding(LlamaRotaryEmbedding):
@@ -203,7 +204,7 @@ class ArborPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, verify_checksums: bool = True, **kwargs):
         """As in transformers, but a local checkpoint is checked first: a file whose bytes
-        differ from its ``checksums.json`` (see `arbor.checkpoint`) fails naming the file, and
+        differ from its ``checksums.json`` (see `arbor.model.checkpoint`) fails naming the file, and
         tensors that do not fit the config fail naming the tensor and both shapes."""
         path = pretrained_model_name_or_path
         is_local_dir = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
@@ -217,11 +218,7 @@ class ArborPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """As in transformers; LoRA adapters (`arbor.lora`) are merged into the saved weights, so
-        a checkpoint always holds plain Llama-named tensors."""
-
-        if has_lora(self) and kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = merged_state_dict(self)
+        """As in transformers, after removing the checksums of an earlier save into the same directory."""
         # Checksums of an earlier save there would describe files this save replaces.
         checkpoint_checks.drop_checksums(save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -309,7 +306,7 @@ def _count_stats_forward(decoder: ArborModel, args) -> None:
 class ArborModel(ArborPreTrainedModel):
     """The decoder stack without the LM head."""
 
-    #: The block class; `arbor.growth.insert_layers` builds new layers from it.
+    #: The block class; `arbor.growth.operators.insert_layers` builds new layers from it.
     layer_class = ArborDecoderLayer
 
     def __init__(self, config: ArborConfig):
@@ -404,8 +401,13 @@ class ArborModel(ArborPreTrainedModel):
         return compat.model_output(last_hidden_state=hidden_states, cache=cache)
 
 
-class ArborForCausalLM(GrowableMixin, FreezableMixin, ArborPreTrainedModel, GenerationMixin):
-    """`ArborModel` with a language-modelling head; ``labels`` give the shifted loss."""
+class ArborForCausalLM(ArborPreTrainedModel, GenerationMixin):
+    """`ArborModel` with a language-modelling head; ``labels`` give the shifted loss.
+
+    This is the model as a function: no growth, freezing or adapters. The class
+    users load, ``arbor.ArborForCausalLM`` (`arbor.growth.growable.ArborForCausalLM`),
+    adds those to it under the same name.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

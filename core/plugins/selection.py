@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from arbor.plugins import PluginError, get_registry
 from arbor_plugins import KINDS, Registry, UnknownComponentError
 from arbor_plugins.settings import PluginsFileError, describe_validation_error, parse_plugins_toml
-from arbor.plugins import PluginError, get_registry
 
 __all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "apply_rope_scaling", "load_plugins_toml"]
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from arbor.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
-from arbor.data import NAMED_CORPORA
-from arbor.growth_step import parse_growth_spec
-from arbor.growth import GrowthError
+from arbor.growth.operators import GrowthError
+from arbor.growth.step import parse_growth_spec
+from arbor.model.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
 from arbor.plugins import get_registry
-from arbor.train import trigger_choice
+from arbor.training.data import NAMED_CORPORA
+from arbor.training.trainer import trigger_choice
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["RunCheckError", "check_model_settings", "check_run"]
@@ -40,7 +40,7 @@ class RunCheckError(ValueError):
 
 
 def check_run(config: Any, selection: Any = None) -> dict[str, Any]:
-    """Check ``config`` (an `arbor.train.TrainConfig`) with the ``plugins.toml`` selection.
+    """Check ``config`` (an `arbor.training.trainer.TrainConfig`) with the ``plugins.toml`` selection.
 
     Returns the resolved run (the model's architecture and the component each role
     will use); raises `RunCheckError` listing every problem found.

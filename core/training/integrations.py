@@ -6,7 +6,7 @@ optimizer step, ``model.grow`` takes the step, the Trainer's AdamW keeps its
 moments (resized to the new shapes) and its LR schedule covers the new
 parameters, the freeze policy runs, and the event is recorded::
 
-    from arbor.integrations import GrowthCallback
+    from arbor.training.integrations import GrowthCallback
 
     grow = GrowthCallback(trigger="schedule", trigger_settings={"steps": [1000, 2000]},
                           growth={"axis": "depth", "num_layers": 2})
@@ -47,6 +47,9 @@ cannot rebuild; so::
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[GrowthCallback(...)])
     prepare_resume(trainer, ckpt)
     trainer.train(resume_from_checkpoint=ckpt)
+
+A tenth of this module is this docstring: how the callback meets the
+Trainer's loop, optimizer and checkpoints is subtle enough to spell out.
 """
 
 from __future__ import annotations
@@ -60,15 +63,15 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from arbor.growth_step import GrowthStep, describe_growth, parse_growth_spec
+from arbor.growth.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
+from arbor.growth.step import GrowthStep, describe_growth, parse_growth_spec
 from arbor.plugins import component_state, get_registry, load_component_state
-from arbor.optim import _base_group_index, _ramp, drop_frozen_state, step_warmup
+from arbor.plugins.selection import load_plugins_toml
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
-from arbor.plugins_toml import load_plugins_toml
 
 __all__ = ["GrowthCallback", "prepare_resume", "unwrap_model", "unwrap_optimizer", "unwrap_scheduler"]
 
@@ -320,8 +323,8 @@ class GrowthCallback(TrainerCallback, ExportableState):
         """Take one growth step now; returns the record that is logged."""
         result = self._growth_step(self._model, decision.growth, optimizer=optimizer, scheduler=scheduler,
                                    probe=self._probe_loss, reason=decision.reason, step=step, tokens=tokens,
-                                   trigger=self.trigger)
-        record = {**result.record, "trigger": self.trigger_name}
+                                   trigger=self.trigger, trigger_name=self.trigger_name)
+        record = result.record
         self.history.append(record)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)

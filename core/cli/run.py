@@ -1,5 +1,5 @@
 """The ``arbor`` commands that work on runs and checkpoints: ``generate``, ``grow``, ``plot``
-(and ``train``, in `arbor.cli_train`). Registered into `arbor.cli.COMMANDS` on import."""
+(and ``train``, in `arbor.cli.train`). Registered into `arbor.cli.common.COMMANDS` on import."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ import argparse
 import os
 import shutil
 
-from arbor.cli import TOKENIZER_FILES, _checkpoint_config, command
+import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from arbor.cli.common import TOKENIZER_FILES, checkpoint_config, command
+from arbor.growth.growable import ArborForCausalLM
+from arbor.training.plot import plot_run
+from arbor.training.tokenizer import encode
 from arbor_plugins import DEFAULTS
 
 
 def _load(checkpoint: str):
     """Model (float32, eval) and tokenizer (or None) of an arbor checkpoint."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from arbor.modeling import ArborForCausalLM
-
-    _checkpoint_config(checkpoint)
+    checkpoint_config(checkpoint)
     hf_logging.disable_progress_bar()
     try:
         model = ArborForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -26,8 +28,6 @@ def _load(checkpoint: str):
         raise ValueError(f"cannot load {checkpoint}: {str(exc).strip().splitlines()[0]}") from None
     tokenizer = None
     if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return model, tokenizer
 
@@ -47,10 +47,6 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "Continue a prompt with a trained checkpoint.", _generate_arguments)
 def generate_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from arbor.tokenizer import encode
-
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be >= 1")
     if args.temperature < 0:
@@ -94,8 +90,6 @@ def _grow_arguments(p: argparse.ArgumentParser) -> None:
 @command("grow", "Grow a checkpoint offline (depth, FFN width, heads or hidden size) and save it.",
          _grow_arguments)
 def grow_command(args: argparse.Namespace) -> int:
-    import torch
-
     out = args.out or args.checkpoint.rstrip("/\\") + "-grown"
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         raise ValueError(f"--out {out} is the checkpoint itself; choose another directory")
@@ -147,7 +141,5 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 @command("plot", "Plot a run: loss against tokens with growth events marked, parameters over time.",
          _plot_arguments)
 def plot_command(args: argparse.Namespace) -> int:
-    from arbor.plot import plot_run
-
     print(f"wrote {plot_run(args.run, args.out)}")
     return 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from arbor.checkpoint import CheckpointIntegrityError, verify_checksums, write_checksums
+from arbor.model.checkpoint import CheckpointIntegrityError, verify_checksums, write_checksums
 
 PREFIX = "step-"
 STATE = "trainer_state.json"

@@ -7,9 +7,12 @@ The pipeline is four plain steps, each usable alone::
     blocks = PackedDataset.from_documents(train_docs, tokenizer, seq_len=256).blocks  # [N, 256]
     batch = batch_at(blocks, step, batch_size=8, seed=0)      # [8, 256], a pure function of the step
 
-`batch_at` is the order `arbor.train.Trainer` draws its batches in. A batch is
+`batch_at` is the order `arbor.training.trainer.Trainer` draws its batches in. A batch is
 its own target: causal LMs in arbor (as in transformers) shift the labels
 inside the loss, so the Trainer passes ``labels=input_ids``.
+
+The four steps share one module because each is short, they share the corpus
+specs and `DataError`, and a reader follows them in the order they run.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import os
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from arbor.tokenizer import clean_text, encode
+from arbor.training.tokenizer import clean_text, encode
 
 #: The corpus spec naming the built-in corpus.
 BUILTIN = "builtin"

@@ -1,7 +1,7 @@
 """Tokenizers for training: a byte-level BPE trained on the corpus, or one loaded from disk.
 
 Both give a ``transformers`` fast tokenizer with ``eos_token`` set, because the
-data pipeline (:mod:`arbor.data`) separates packed documents with it. A trained
+data pipeline (:mod:`arbor.training.data`) separates packed documents with it. A trained
 tokenizer saves with ``save_pretrained(dir)`` as ``tokenizer.json`` plus
 ``tokenizer_config.json`` and loads back with ``AutoTokenizer.from_pretrained(dir)``.
 """

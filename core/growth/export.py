@@ -10,6 +10,9 @@ for every layer, so a grown, uneven model is padded up to the largest layer
 with units and heads that compute nothing (zero weights on every path into the
 residual stream): the export is exact, and it proves it by reloading what it
 wrote and comparing logits before the directory appears under its name.
+
+Its length is that of one conversion: the padding plan, the tensors, the
+reload check and the atomic write, which only make sense together.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, LlamaConfig
 
-from arbor.config import ArborConfig
-from arbor.lora import effective_weight
+from arbor.growth.lora import effective_weight
+from arbor.model.config import ArborConfig
 from arbor_plugins.components import embedding_matrix
 
 #: Weight dtypes an export may be saved in.
@@ -64,7 +67,7 @@ def to_llama_config(
                 "to_llama_config needs equal FFN widths and head counts in every layer (or the padded "
                 f"sizes given); got layer_intermediate_sizes={config.layer_intermediate_sizes}, "
                 f"layer_num_attention_heads={config.layer_num_attention_heads}, "
-                f"layer_num_key_value_heads={config.layer_num_key_value_heads}; arbor.export.to_llama pads them"
+                f"layer_num_key_value_heads={config.layer_num_key_value_heads}; arbor.growth.export.to_llama pads them"
             )
         if given is not None and given < max(values):
             raise ValueError(f"{name}={given} is invalid: must be >= the largest layer's {max(values)}")

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from arbor.growth.optim import drop_frozen_state
 from arbor.plugins import call_hook
-from arbor.optim import drop_frozen_state
 
 #: Adapter name arbor uses inside peft.
 ADAPTER = "arbor"

@@ -12,9 +12,9 @@ scheme object) that rewrites the new parts after the zero construction and
 before the ``arbor_grow_*`` hooks fire, so listeners see the final weights.
 
 A resized tensor becomes a new `nn.Parameter` (autograd remembers the shape of
-a leaf it has seen); `arbor.optim.carry_over` moves an optimizer's groups and
+a leaf it has seen); `arbor.growth.optim.carry_over` moves an optimizer's groups and
 state to the new objects, using `GrowthEvent.resized`.
-The model methods (``model.grow_depth`` and friends) live in `arbor.growable`.
+The model methods (``model.grow_depth`` and friends) live in `arbor.growth.growable`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from arbor import compat
+from arbor.growth.optim import hand_over
+from arbor.plugins import call_hook, get_registry
 from arbor_plugins.growth import AXES, GrowthError, GrowthEvent, ResizedParameter
 from arbor_plugins.settings import describe_validation_error
-from arbor.optim import hand_over
-from arbor.plugins import call_hook, get_registry
 
 __all__ = ["AXES", "GrowthError", "GrowthEvent", "ResizedParameter", "add_heads", "following", "insert_layers",
            "resolve_init", "widen_hidden", "widen_mlp"]
@@ -53,7 +53,7 @@ def _grow_tensor(
     are then written over it, so ``fill`` decides only what the new parts hold.
     The parameter is a new object: autograd remembers the shape of a leaf it
     has seen, so resizing ``.data`` in place breaks the next backward pass.
-    `arbor.optim.carry_over` points an optimizer at the new objects.
+    `arbor.growth.optim.carry_over` points an optimizer at the new objects.
     """
     param: nn.Parameter = getattr(module, attr)
     old = param.data
@@ -79,7 +79,7 @@ _OPTIMIZER: ContextVar[Any] = ContextVar("arbor_growth_optimizer", default=None)
 @contextmanager
 def following(optimizer):
     """Within this block, growth operators move ``optimizer``'s groups and state to each resized
-    parameter as soon as it is replaced. `arbor.optim.carry_over` still runs afterwards for the
+    parameter as soon as it is replaced. `arbor.growth.optim.carry_over` still runs afterwards for the
     rest (moment scales, new layers' param group, frozen parameters)."""
     token = _OPTIMIZER.set(optimizer)
     try:

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 
 import arbor_plugins
-from arbor_plugins import AttentionBackend
 from arbor.plugins import get_registry
+from arbor_plugins import AttentionBackend
 
 
 class EagerAttention(AttentionBackend):

@@ -1,7 +1,7 @@
 """One growth step, from spec to record: the one path every growth takes.
 
-``model.grow()``, ``model.grow_depth()`` and its siblings, `arbor.train.Trainer`,
-`arbor.integrations.GrowthCallback` and ``arbor grow`` all build a `GrowthStep`
+``model.grow()``, ``model.grow_depth()`` and its siblings, `arbor.training.trainer.Trainer`,
+`arbor.training.integrations.GrowthCallback` and ``arbor grow`` all build a `GrowthStep`
 and call it; none of them resizes, initialises or touches the optimizer itself.
 A step runs, in this order:
 
@@ -13,9 +13,9 @@ A step runs, in this order:
    or the middle of the stack;
 2. turn it into an `Operation` (axis, absolute target, layers, positions);
 3. merge LoRA adapters into the projections a width step resizes;
-4. run the growth operator of `arbor.growth`, which applies the init scheme
+4. run the growth operator of `arbor.growth.operators`, which applies the init scheme
    and fires the ``arbor_grow_*`` hook;
-5. carry the optimizer (and scheduler) over, exactly once (`arbor.optim.carry_over`);
+5. carry the optimizer (and scheduler) over, exactly once (`arbor.growth.optim.carry_over`);
 6. give inserted layers the gradient checkpointing the others have;
 7. apply the freeze policy;
 8. measure the probe loss again and check an exact step kept it;
@@ -32,19 +32,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from arbor.compat import GradientCheckpointingLayer, copy_checkpointing
-from arbor.growth import (
+from arbor.growth.lora import merge_lora
+from arbor.growth.operators import (
     add_heads,
     following,
     insert_layers,
     widen_hidden,
     widen_mlp,
 )
-from arbor.lora import merge_lora
-from arbor.optim import carry_over
-from arbor.plugins_toml import load_plugins_toml
+from arbor.growth.optim import carry_over
+from arbor.plugins import get_registry
+from arbor.plugins.selection import load_plugins_toml
 from arbor_plugins import DEFAULTS
 from arbor_plugins.growth import GrowthError, GrowthEvent, GrowthSpec, parse_growth_spec
-from arbor.plugins import get_registry
 
 __all__ = ["GrowthResult", "GrowthSpec", "GrowthStep", "Operation", "describe_growth", "parse_growth_spec",
            "resolve_positions"]
@@ -185,8 +185,11 @@ class GrowthStep:
     # -------------------------------------------------------------- growing
     def __call__(self, model, spec: dict | GrowthSpec | Operation | None = None, *, optimizer=None, scheduler=None,
                  probe: Callable[[], float | None] | None = None, reason: str | None = None, step: int | None = None,
-                 tokens: int | None = None, trigger=None) -> GrowthResult:
-        """Take one step of ``spec`` (or an `Operation`) on ``model``; see the module doc for the order."""
+                 tokens: int | None = None, trigger=None, trigger_name: str | None = None) -> GrowthResult:
+        """Take one step of ``spec`` (or an `Operation`) on ``model``; see the module doc for the order.
+
+        ``trigger`` is told ``grew``; ``trigger_name``, when given, goes into the record as ``"trigger"``.
+        """
         if isinstance(spec, Operation):
             resolved, op = None, spec
         else:
@@ -219,6 +222,8 @@ class GrowthStep:
                   "params_before": params_before, "params": _count(model), "layers_before": layers_before,
                   "layers": model.config.num_hidden_layers, "frozen": len(frozen),
                   "param_groups": len(optimizer.param_groups) if optimizer is not None else None}
+        if trigger_name is not None:
+            record["trigger"] = trigger_name
         if event.exact and before is not None and not self.same_loss(before, after):
             record["exact"], record["claimed_exact"] = False, True  # the probe contradicts the init scheme
         return GrowthResult(event, record)

@@ -20,6 +20,12 @@ Environment variables:
     entry-point name).
 ``ARBOR_STRICT_PLUGINS``
     ``1``/``true``/``yes``: a plugin that fails to load is an error.
+
+The loader, the registry, hook calls and the guard around every call into a
+plugin stay in one module because they share its per-process state: the
+plugin manager and the record of each loaded plugin, which every error
+message reads to name the plugin at fault. `arbor.plugins.selection` reads
+``plugins.toml``.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class _Plugin:
     distribution: str
     version: str
     entry_point: str
-    module: str  # the module the entry point names, e.g. "arbor.attention"
+    module: str  # the module the entry point names, e.g. "arbor.model.attention"
     builtin: bool
     label: str  # how conflicts and listings name it: "dist" or "dist (entry point)"
     error: str | None = None

@@ -21,7 +21,7 @@ updates on weights that were already well trained. `carry_over` instead:
 
 Typical loop::
 
-    event = model.grow_width(256)                      # or any arbor.growth operator
+    event = model.grow_width(256)                      # or any arbor.growth.operators operator
     carry_over(opt, model, event, new_param_lr_multiplier=2.0, warmup_steps=100, scheduler=sched)
     ...
     opt.step(); sched.step(); step_warmup(opt)
@@ -103,7 +103,7 @@ def hand_over(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Te
     """Give ``optimizer`` the parameter ``new`` that replaced ``old``, with its state resized.
 
     Growth operators call this for each tensor as they replace it (inside
-    `arbor.growth.following`), so the old parameter and its old-shaped state
+    `arbor.growth.operators.following`), so the old parameter and its old-shaped state
     are freed before the next tensor grows. Moment scales of init schemes are
     applied later, by `carry_over`.
     """
@@ -229,7 +229,7 @@ def carry_over(
 ) -> dict[str, Any]:
     """Update ``optimizer`` (and ``scheduler``) in place after the growth step ``event``; once per event.
 
-    `arbor.growth_step.GrowthStep` calls it for every growth; a second call on
+    `arbor.growth.step.GrowthStep` calls it for every growth; a second call on
     the same event would apply the event's moment scales twice.
 
     Works whether the growth operator kept each `nn.Parameter` object or replaced

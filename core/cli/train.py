@@ -3,7 +3,7 @@
 With no arguments it trains on CPython's standard-library source (split into
 training and validation by file) with a byte-level BPE tokenizer trained on
 it, starts at 2 layers of the ``small`` preset and grows them exactly to 6 on a
-schedule (`arbor.train.DEFAULT_GROWTH`), saves checkpoints, writes
+schedule (`arbor.training.trainer.DEFAULT_GROWTH`), saves checkpoints, writes
 ``metrics.jsonl`` and ``training.png``, and prints a sample.
 
 Settings come from, in increasing priority: a recipe (``--recipe``), a config
@@ -20,8 +20,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from arbor.cli import command
+import torch
+import yaml
+from pydantic import ValidationError
+
+from arbor.cli.common import command
+from arbor.growth.growable import ArborForCausalLM
+from arbor.model.config import ArborConfig
+from arbor.plugins import get_registry
+from arbor.plugins.selection import apply_rope_scaling, load_plugins_toml
+from arbor.training.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
+from arbor.training.data import PackedDataset, load_split
+from arbor.training.plot import plot_run
+from arbor.training.preflight import check_run
+from arbor.training.tokenizer import load_tokenizer, train_bpe
+from arbor.training.trainer import TrainConfig, Trainer, truncate_metrics
 from arbor_plugins import DEFAULTS
+from arbor_plugins.settings import describe_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 #: Ready-made runs. "default" is what `arbor train` does with no arguments.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -73,17 +93,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         if file.suffix == ".json":  # what a run saves as train_config.json
             data = json.loads(text)
         elif file.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
-        elif sys.version_info >= (3, 11):
-            import tomllib
-
+        else:
             data = tomllib.loads(text)
-        else:  # pragma: no cover - Python 3.10
-            import tomli
-
-            data = tomli.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parser error is the user's file, shown in one line
         raise ValueError(f"{path}: cannot be parsed: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -107,11 +119,6 @@ RESUMABLE = ("max_steps", "lr", "min_lr_ratio", "grad_clip", "eval_interval", "e
 
 def resume_config(saved: dict[str, Any], args: argparse.Namespace):
     """The saved settings of a run being resumed, with the ``--set`` / ``--max-steps`` that may change."""
-    from pydantic import ValidationError
-
-    from arbor.train import TrainConfig
-    from arbor_plugins.settings import describe_validation_error
-
     if args.config or args.recipe != "default":
         given = f"CONFIG {args.config}" if args.config else f"--recipe {args.recipe}"
         raise ValueError(f"{given}: --resume continues the run with its saved settings; change only "
@@ -138,11 +145,6 @@ def resume_config(saved: dict[str, Any], args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
-    from pydantic import ValidationError
-
-    from arbor.train import TrainConfig
-    from arbor_plugins.settings import describe_validation_error
-
     if args.recipe not in RECIPES:
         raise ValueError(f"--recipe {args.recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
     data = copy.deepcopy(RECIPES[args.recipe])
@@ -165,9 +167,6 @@ def build_config(args: argparse.Namespace):
 
 def prepare(config, echo=print):
     """Corpus -> tokenizer -> packed train/validation blocks."""
-    from arbor.data import PackedDataset, load_split
-    from arbor.tokenizer import load_tokenizer, train_bpe
-
     # "stdlib" is split by file (a hash of each file's relative path); other corpora by split_documents.
     documents, train_docs, val_docs = load_split(config.data, seed=config.seed)
     chars = sum(map(len, documents))
@@ -193,8 +192,6 @@ def prepare(config, echo=print):
 
 def _substrate_tokenizer(config):
     """The tokenizer the configured substrate asks for (None: any will do)."""
-    from arbor.plugins import get_registry
-
     name = config.model.get("substrate")
     if not name:
         return None
@@ -207,10 +204,6 @@ def _substrate_tokenizer(config):
 def build_model(config, tokenizer, selection=None):
     """The model ``config.model`` describes; ``plugins.toml``'s [substrate], [attention_backend] and
     [rope_scaling] apply where the model settings name none."""
-    from arbor.config import ArborConfig
-    from arbor.modeling import ArborForCausalLM
-    from arbor.plugins_toml import apply_rope_scaling
-
     spec = dict(config.model)
     preset = spec.pop("preset", "tiny")
     if selection is not None and selection.name("substrate") and "substrate" not in spec:
@@ -248,14 +241,6 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
 def train_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from arbor.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
-    from arbor.plot import plot_run
-    from arbor.preflight import check_run
-    from arbor.plugins_toml import load_plugins_toml
-    from arbor.train import Trainer, truncate_metrics
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a directory; choose another --out")

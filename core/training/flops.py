@@ -59,7 +59,7 @@ Hence, with everything trainable, ``training = 3 * forward`` per token exactly
 (``6 * N``-style). That stays true with a frozen substrate embedding, because the
 first layer's trainable norm gain already makes its input need a gradient.
 
-LoRA adapters (`arbor.lora`), when counting from a model, add their two small
+LoRA adapters (`arbor.growth.lora`), when counting from a model, add their two small
 matmuls ``x -> A (r x in) -> B (out x r)`` per wrapped projection, with the same
 rule; the wrapped base weight is frozen and counted as such.
 
@@ -82,6 +82,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+
 from arbor.plugins import get_registry
 
 __all__ = ["FlopCounter", "forward_flops_per_token", "training_flops", "training_flops_per_token"]

@@ -50,7 +50,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from arbor.optim import _base_group_index, drop_frozen_state
+
+from arbor.growth.optim import _base_group_index, drop_frozen_state
 from arbor.plugins import call_hook
 
 __all__ = ["SELECTOR_FORMS", "FreezableMixin", "FreezeError", "freeze", "select_parameters", "unfreeze"]
@@ -242,7 +243,7 @@ def freeze(model, *selectors: str, optimizer: torch.optim.Optimizer | None = Non
 
     Gradients of the frozen parameters are dropped, so no optimizer step moves
     them (not even by weight decay); with ``optimizer``, their state (moments,
-    momentum) is dropped too (`arbor.optim.drop_frozen_state`). They stay in
+    momentum) is dropped too (`arbor.growth.optim.drop_frozen_state`). They stay in
     their param groups, so `unfreeze` needs no optimizer surgery. The
     ``arbor_freeze`` hook fires once with the names whose state changed
     (not at all when every selected parameter was frozen already).
@@ -264,7 +265,7 @@ def unfreeze(model, *selectors: str, optimizer: torch.optim.Optimizer | None = N
 
     Their optimizer state starts from zero. With ``optimizer``, parameters it
     does not hold at all (say, layers that were frozen when growth added them,
-    so `arbor.optim.carry_over` left them out) join its largest param group,
+    so `arbor.growth.optim.carry_over` left them out) join its largest param group,
     so they train from the next step with that group's settings.
     """
     _check_substrate_can_unfreeze(model, selectors, kw)
@@ -282,7 +283,7 @@ def unfreeze(model, *selectors: str, optimizer: torch.optim.Optimizer | None = N
 
 
 class FreezableMixin:
-    """The freezing methods of `ArborForCausalLM` (see `arbor.freezing` for selectors)."""
+    """The freezing methods of `ArborForCausalLM` (see `arbor.growth.freezing` for selectors)."""
 
     def freeze(self, *selectors: str, optimizer: torch.optim.Optimizer | None = None, **kw: Any) -> list[str]:
         """Stop training the selected parameters; returns the names frozen now."""

@@ -6,6 +6,10 @@ thing. What Llama keeps as one number per model, arbor also keeps per layer
 `layer_num_key_value_heads`), because growth makes layers uneven and an uneven
 model must save and load exactly. The scalar fields are the sizes that new
 layers get.
+
+Most of its length is validation: every field is checked when the config is
+built, with a message naming the field, the value and what is allowed, and
+the presets live beside the fields they fill.
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ class ArborConfig(PreTrainedConfig):
         substrate / substrate_settings: the registered embedding substrate
             that turns token ids into vectors, and its settings.
         min_layers / max_layers: bounds depth growth must stay within.
-        growth: the step ``model.grow()`` takes, as a `arbor.growable.GrowthSpec`
+        growth: the step ``model.grow()`` takes, as a `arbor.growth.growable.GrowthSpec`
             dict (e.g. ``{"axis": "ffn", "factor": 1.5}``); None means Arbor's
             step, 4 zero-initialised layers at the middle.
         layer_generations: per layer, the depth-growth step that created it

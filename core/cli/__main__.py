@@ -1,0 +1,7 @@
+"""``python -m arbor.cli``: the same program as the ``arbor`` command."""
+
+import sys
+
+from arbor.cli.main import main
+
+sys.exit(main())
