@@ -204,15 +204,38 @@ class MaskedSettings(StrictSettings):
 
 
 class _Ramp:
-    """A value that climbs from 0 to 1 by ``1/steps`` per training forward of the model."""
+    """A value that climbs from 0 to 1 by ``1/steps`` per training forward of the model.
 
-    def __init__(self, steps: int):
-        self.steps, self.done = steps, 0
+    The count of forwards lives in a 0-d tensor (``count``) that the masks read
+    and `_advance` bumps in place, so a model compiled with ``fullgraph=True``
+    ramps inside its graph, without a graph break or a recompilation per step.
+    Eager forwards also keep it as a Python int (``done``), so no step waits on
+    the device to read it; after a compiled forward (``stale``) the int is
+    read back from the tensor the next time it is needed.
+    """
+
+    def __init__(self, steps: int, done: int = 0, device: torch.device | str | None = None):
+        self.steps, self.done, self.stale = steps, done, False
+        self.count = torch.tensor(float(done), device=device)
         self.handles: list[Any] = []
+
+    def forwards(self) -> int:
+        """Training forwards this ramp has seen."""
+        if self.stale:
+            self.done, self.stale = int(self.count.item()), False
+        return self.done
+
+    def set(self, done: int) -> None:
+        self.done, self.stale = done, False
+        self.count.fill_(float(done))
+
+    def tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """The ramp's value as a 0-d tensor of ``like``'s dtype and device."""
+        return (self.count / self.steps).clamp(max=1.0).to(device=like.device, dtype=like.dtype)
 
     @property
     def value(self) -> float:
-        return min(1.0, self.done / self.steps)
+        return min(1.0, self.forwards() / self.steps)
 
 
 class _Mask:
@@ -234,11 +257,10 @@ class _Mask:
             ramp.handles.append(module.register_forward_hook(lambda m, args, out: self.apply(out)))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        value = self.ramp.value
+        value = self.ramp.tensor(x)
         if self.index is None:
             return x * value
-        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-        mask[self.index.to(x.device)] = value
+        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device).index_fill(0, self.index.to(x.device), value)
         return x * mask
 
     def weight_dim(self) -> int:
@@ -255,11 +277,28 @@ def active_masks_of(module) -> list[_Mask]:
 
 
 def _advance(model) -> None:
+    """Forward pre-hook of a model with masks: every training forward moves each ramp one step;
+    an eager forward also drops the masks of ramps that are fully open (then the identity)."""
     masks = getattr(model, "_arbor_masks", [])
     if not (model.training and torch.is_grad_enabled()):
         return
-    for ramp in {id(m.ramp): m.ramp for m in masks}.values():
-        ramp.done += 1
+    ramps: list[_Ramp] = []
+    for mask in masks:
+        if not any(mask.ramp is r for r in ramps):
+            ramps.append(mask.ramp)
+    for ramp in ramps:
+        ramp.count.add_(1)
+    if torch.compiler.is_compiling():
+        # A graph cannot remove hooks; an open ramp's masks multiply by 1 until an eager forward
+        # (or a growth step, a save) drops them.
+        for ramp in ramps:
+            ramp.stale = True
+        return
+    for ramp in ramps:
+        if ramp.stale:
+            ramp.forwards()  # reads the count back, this forward included
+        else:
+            ramp.done += 1
         if ramp.value >= 1.0:  # fully open: the mask is the identity now, so drop it
             for handle in ramp.handles:
                 handle.remove()
@@ -285,7 +324,7 @@ def bake_masks(model) -> int:
             index = mask.index.to(weight.device)
             weight.index_copy_(dim, index, weight.index_select(dim, index) * value)
     for ramp in {id(m.ramp): m.ramp for m in masks}.values():
-        ramp.done = ramp.steps
+        ramp.set(ramp.steps)
         for handle in ramp.handles:
             handle.remove()
     model._arbor_masks = []
@@ -308,7 +347,7 @@ def mask_state(model) -> dict[str, Any] | None:
         saved.append({"module": names[id(mask.module)], "side": mask.side, "ramp": ramps.setdefault(id(mask.ramp), len(ramps)),
                       "index": None if mask.index is None else mask.index.detach().cpu().clone()})
     by_id = {id(m.ramp): m.ramp for m in masks}
-    return {"masks": saved, "ramps": [{"steps": by_id[i].steps, "done": by_id[i].done} for i in ramps]}
+    return {"masks": saved, "ramps": [{"steps": by_id[i].steps, "done": by_id[i].forwards()} for i in ramps]}
 
 
 def load_mask_state(model, state: dict[str, Any] | None) -> None:
@@ -320,12 +359,8 @@ def load_mask_state(model, state: dict[str, Any] | None) -> None:
         module.__dict__.pop("_arbor_masks", None)
     if not state or not state.get("masks"):
         return
-    ramps = []
-    for saved in state["ramps"]:
-        ramp = _Ramp(int(saved["steps"]))
-        ramp.done = int(saved["done"])
-        ramps.append(ramp)
     device = next(model.parameters()).device
+    ramps = [_Ramp(int(saved["steps"]), int(saved["done"]), device) for saved in state["ramps"]]
     masks = [_Mask(model.get_submodule(m["module"]), m["side"], None if m["index"] is None else m["index"].to(device),
                    ramps[m["ramp"]], None) for m in state["masks"]]
     if not hasattr(model, "_arbor_mask_hook"):
@@ -358,7 +393,7 @@ class MaskedInit(InitScheme):
 
     def initialize(self, model, event, settings: MaskedSettings) -> None:
         remap_masks(model, event)  # earlier masks first, so this step's new masks are not remapped
-        ramp = _Ramp(settings.ramp_steps)
+        ramp = _Ramp(settings.ramp_steps, device=next(model.parameters()).device)
         masks: list[_Mask] = []
         std = _std(model)
         params = _params(model)

@@ -10,6 +10,7 @@ graph and adds nothing to what these tests check.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,9 +18,9 @@ import torch
 
 import arbor_plugins
 from arbor import ArborConfig, ArborForCausalLM, compat
-from arbor.modeling import CompiledForward
+from arbor.model.modeling import CompiledForward
 from arbor.plugins import get_plugin_manager
-from arbor.train import TrainConfig, Trainer
+from arbor.training.trainer import TrainConfig, Trainer
 from arbor_strategies.stats import layer_stats, layer_utilization
 
 
@@ -148,6 +149,39 @@ def test_fullgraph_compile_trains_with_statistics_on(recorder):
     assert len(recorder.calls) == 4 and layer_hooks(model) == 0
 
 
+@pytest.mark.parametrize("axis", ["depth", "ffn"])
+def test_fullgraph_compile_ramps_a_masked_step_as_eager_does(axis):
+    # The masks' ramp advances inside the graph: no graph break, no recompilation per step, and
+    # the losses and gradients of an eager twin, until the ramp is open and after.
+    model = tiny()
+    grow = {"depth": lambda m: m.grow_depth(1, init="masked", init_settings={"ramp_steps": 3}),
+            "ffn": lambda m: m.grow_width(96, init="masked", init_settings={"ramp_steps": 3})}[axis]
+    grow(model)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break would raise here
+    losses, want = [], []
+    for step in range(5):
+        stance = "fail_on_recompile" if step else "default"  # one graph serves the whole ramp
+        with torch.compiler.set_stance(stance):
+            loss = compiled(ids, labels=ids).loss
+        loss.backward()
+        expected = reference(ids, labels=ids).loss
+        expected.backward()
+        losses.append(loss.item())
+        want.append(expected.item())
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=f"step {step}: {name}")
+    assert losses == pytest.approx(want, rel=1e-6, abs=1e-7)
+    # A training forward first moves the ramp: 1/3, 2/3, then open from the third forward on.
+    assert len(set(losses[:3])) == 3 and losses[2] == losses[3] == losses[4]
+    ramp = next(iter(getattr(model, "_arbor_masks")), None).ramp
+    assert ramp.stale and ramp.value == 1.0  # read back from the graph's count
+    assert not getattr(reference, "_arbor_masks")  # the eager twin dropped its open masks
+    model(ids, labels=ids)  # so does the next eager forward of the compiled model
+    assert not getattr(model, "_arbor_masks")
+
+
 def test_compiled_forward_collects_what_an_eager_run_collects(recorder):
     eager, model = tiny(), tiny()
     eager.stats_interval = model.stats_interval = 2
@@ -221,7 +255,7 @@ def test_trainer_compile_repeats_the_eager_losses_across_a_growth_step(tmp_path,
 
 def test_compile_flag_sets_the_setting():
     from arbor.cli import build_parser
-    from arbor.cli_train import build_config
+    from arbor.cli.train import build_config
 
     args = build_parser().parse_args(["train", "--compile", "--max-steps", "3"])
     assert build_config(args).compile is True
