@@ -16,6 +16,7 @@ from arbor.cli import info, run, train  # noqa: F401 - importing them registers 
 from arbor.cli.common import COMMANDS, PROG, USAGE_ERROR, Parser, package_version
 from arbor.plugins import PluginError, PluginLoadError
 from arbor.plugins.selection import PluginsConfigError
+from arbor.training.distributed import RanksDiverged
 from arbor.training.trainer import TrainingStopped
 from arbor_plugins import ComponentConflictError, UnknownComponentError
 
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for a command that starts itself again
     try:
         return args._run(args)
     except BrokenPipeError:  # `arbor presets | head`: the reader left; not an error worth a traceback
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
-    except TrainingStopped as exc:  # the run failed, not its command line: exit 1, still one line
+    except (TrainingStopped, RanksDiverged) as exc:  # the run failed, not its command line: exit 1, one line
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
         return 1
     except PluginError as exc:  # someone else's code failed: name it, without arbor's traceback

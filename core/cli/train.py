@@ -23,18 +23,22 @@ from typing import Any
 import torch
 import yaml
 from pydantic import ValidationError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
 
 from arbor.cli.common import command
 from arbor.growth.growable import ArborForCausalLM
 from arbor.model.config import ArborConfig
 from arbor.plugins import get_registry
 from arbor.plugins.selection import apply_rope_scaling, load_plugins_toml
+from arbor.training import distributed
 from arbor.training.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
 from arbor.training.data import PackedDataset, load_split
+from arbor.training.distributed import Ranks
 from arbor.training.plot import plot_run
 from arbor.training.preflight import check_run
 from arbor.training.tokenizer import load_tokenizer, train_bpe
-from arbor.training.trainer import TrainConfig, Trainer, truncate_metrics
+from arbor.training.trainer import TrainConfig, Trainer, TrainingStopped, truncate_metrics
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 
@@ -235,12 +239,49 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (recompiled after each growth step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes on this machine: starts torchrun's agent, which runs this command "
+                        "in each (the same as `torchrun --nproc-per-node N -m arbor train ...`)")
+    p.add_argument("--parallel", default="ddp", metavar="MODE",
+                   help="how several processes share the work: ddp, data parallel (default; fsdp is not supported "
+                        "yet)")
     p.add_argument("--check", action="store_true",
                    help="only check the settings (all problems at once) and print the resolved run")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``arbor train --nproc N``: this command again in N processes, under torchrun's elastic agent."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc} is invalid: must be >= 1")
+    if Ranks.from_env().distributed:
+        raise ValueError("--nproc: this process is already one of a distributed run (torchrun set WORLD_SIZE); "
+                         "start either with torchrun or with --nproc, not both")
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            argv.append(item)
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "arbor", *argv])
+    except ChildFailedError as exc:
+        failures = ", ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in sorted(exc.failures.items()))
+        raise TrainingStopped(f"a process of the distributed run failed ({failures}); its error is printed above") \
+            from None
+    return 0
+
+
 @command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
 def train_command(args: argparse.Namespace) -> int:
+    if args.parallel not in distributed.PARALLEL:
+        why = distributed.UNSUPPORTED.get(args.parallel, "")
+        raise ValueError(f"--parallel {args.parallel!r} is not supported{why}; allowed: {', '.join(distributed.PARALLEL)}")
+    if args.nproc is not None and not args.check:
+        return _launch(args)
+    ranks = Ranks.from_env()
+    say = print if ranks.main else (lambda *a, **k: None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a directory; choose another --out")
@@ -269,31 +310,38 @@ def train_command(args: argparse.Namespace) -> int:
         print(json.dumps({"settings": config.model_dump(mode="json"), "resolved": resolved}, indent=1))
         print("ok: the run's settings are valid")
         return 0
-    if restart:
+    distributed.check_batch_size(config.batch_size, ranks)
+    distributed.init(ranks, config.device)
+    distributed.barrier(ranks)  # every rank has looked at --out before rank 0 writes to it
+    if restart and ranks.main:
         print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
         truncate_metrics(out, -1)
     torch.manual_seed(config.seed)
-    tokenizer, train_blocks, val_blocks = prepare(config)
-    quiet = dict(progress=not args.no_progress, plugins=selection)
+    tokenizer, train_blocks, val_blocks = prepare(config, echo=say)
+    quiet = dict(progress=not args.no_progress, plugins=selection, ranks=ranks)
     if resume_from is not None:
-        print(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}")
         trainer = Trainer.resume(resume_from, train_blocks, val_blocks, out, tokenizer=tokenizer, config=config,
                                  **quiet)
     else:
         model = build_model(config, tokenizer, selection)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
         trainer = Trainer(model, config, train_blocks, val_blocks, out, tokenizer=tokenizer, **quiet)
     layers = trainer.model.config.num_hidden_layers
-    print(f"model: {trainer.num_parameters():,} parameters, {layers} layers; {config.max_steps} steps of "
-          f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens", flush=True)
+    where = f" in {ranks.world_size} processes ({args.parallel})" if ranks.distributed else ""
+    say(f"model: {trainer.num_parameters():,} parameters, {layers} layers; {config.max_steps} steps of "
+        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens{where}", flush=True)
     summary = trainer.fit()
-    print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, loss {summary['loss']:.3f}, validation "
-          f"loss {summary['val_loss']:.3f}, {summary['growth_events']} growth events, {summary['params']:,} "
-          f"parameters, {summary['layers']} layers")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"metrics: {out / 'metrics.jsonl'}; plot: {plot_run(out)}")
-    if config.sample_tokens:
-        print(f"sample: {trainer.sample()!r}")
+    say(f"done: step {summary['step']}, {summary['tokens']:,} tokens, loss {summary['loss']:.3f}, validation "
+        f"loss {summary['val_loss']:.3f}, {summary['growth_events']} growth events, {summary['params']:,} "
+        f"parameters, {summary['layers']} layers")
+    if ranks.main:
+        print(f"checkpoint: {summary['checkpoint']}")
+        print(f"metrics: {out / 'metrics.jsonl'}; plot: {plot_run(out)}")
+        if config.sample_tokens:
+            print(f"sample: {trainer.sample()!r}")
     sys.stdout.flush()
+    distributed.finish(ranks)
     return 0

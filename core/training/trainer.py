@@ -21,6 +21,8 @@ its config; growth itself is `arbor.growth.step.GrowthStep`, data order
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import time
@@ -31,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch.nn.parallel import DistributedDataParallel
 
 from arbor import compat
 from arbor.growth.growable import ArborForCausalLM
@@ -40,6 +43,7 @@ from arbor.model.checkpoint import verify_checksums
 from arbor.model.modeling import CompiledForward
 from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.plugins.selection import Selection
+from arbor.training import distributed
 from arbor.training.checkpointing import (
     CheckpointError,
     latest_checkpoint,
@@ -52,6 +56,7 @@ from arbor.training.checkpointing import (
 from arbor.training.data import (
     batch_at,  # the Trainer's batch order; also importable as arbor.training.trainer.batch_at
 )
+from arbor.training.distributed import Ranks, shard
 from arbor.training.flops import FlopCounter
 from arbor.training.tokenizer import encode
 from arbor_plugins import DEFAULTS
@@ -187,20 +192,25 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
                  out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print,
-                 compile_options: Mapping[str, Any] | None = None):
+                 compile_options: Mapping[str, Any] | None = None, ranks: Ranks | None = None):
         if compile_options is not None:
             self.compile_options = MappingProxyType(dict(compile_options))
+        #: This process's place in a distributed run (`arbor.training.distributed`); one process by default.
+        self.ranks = ranks or Ranks()
+        if self.ranks.distributed and config.compile:
+            raise ValueError("compile=true is not supported in a distributed run yet; train without it")
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.selection = plugins if plugins is not None else Selection()
-        self.progress, self.echo = progress, echo
+        self.progress, self.echo = progress and self.ranks.main, echo if self.ranks.main else _silent
         self.step, self.tokens, self.history = 0, 0, []
         self.nonfinite_steps = 0
         self.flops = FlopCounter()  # training FLOPs so far, counted from the model of each step
         self._compiled = None  # the compiled training forward (config.compile), built on first use
-        self.device = torch.device(config.device)
+        self._ddp = None  # the DistributedDataParallel wrapper of a distributed run, rebuilt after growth
+        self.device = distributed.init(self.ranks, config.device)
         model.to(self.device)
         if config.gradient_checkpointing:
             compat.enable_gradient_checkpointing(model)
@@ -208,6 +218,9 @@ class Trainer:
             model.config.growth = dict(config.growth.step)
         self.optimizer = make_optimizer(config)(_param_groups(model, config))
         self._setup_growth()
+        if self.ranks.distributed:  # every rank must start from the same model and the same data
+            data = {"train": _digest(train_blocks), "validation": _digest(val_blocks), "step": self.step}
+            distributed.check_in_sync(model, self.ranks, "at the start of the run", data)
 
     # ----------------------------------------------------------- components
     def _component(self, kind: str, name: str | None, settings: dict[str, Any]):
@@ -241,7 +254,14 @@ class Trainer:
             group["lr"] = self.config.lr * group.get("arbor_lr_multiplier", 1.0) * factor * ramp
 
     def _training_forward(self):
-        """The model, or with ``config.compile`` its compiled forward (evaluation stays eager)."""
+        """The model, or with ``config.compile`` its compiled forward, or in a distributed run its
+        ``DistributedDataParallel`` wrapper (evaluation stays on the plain model)."""
+        if self.ranks.distributed and self.model.training:
+            if self._ddp is None:
+                # DDP broadcasts rank 0's weights when it is built: the ranks were checked equal first.
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+            return self._ddp
         if not (self.config.compile and self.model.training):
             return self.model
         if self._compiled is None:
@@ -259,10 +279,15 @@ class Trainer:
         self._set_lr()
         total = 0.0
         for micro in range(c.grad_accum):
-            batch = batch_at(self.train_blocks, self.step * c.grad_accum + micro, c.batch_size, c.seed)
-            loss = self._loss(batch) / c.grad_accum
-            loss.backward()
+            batch = shard(batch_at(self.train_blocks, self.step * c.grad_accum + micro, c.batch_size, c.seed),
+                          self.ranks)
+            last = micro == c.grad_accum - 1
+            # Gradients are averaged over the ranks once per step, on its last micro-batch.
+            with self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext():
+                loss = self._loss(batch) / c.grad_accum
+                loss.backward()
             total += loss.item()
+        total = distributed.mean(total, self.ranks)  # the global batch's loss, the same on every rank
         seq = self.train_blocks.shape[1]
         self.flops.step(self.model, c.batch_size * c.grad_accum * seq, seq)  # also a step skipped below
         # The norm is wanted even without clipping: a non-finite one must not reach the weights.
@@ -318,6 +343,10 @@ class Trainer:
             self._compiled = None
             torch.compiler.reset()
         record = result.record
+        if self.ranks.distributed:
+            self._ddp = None  # it holds the old parameters; the next step wraps the grown model
+            agreed = {k: record.get(k) for k in ("step", "spec", "axis", "positions", "init", "layers", "params")}
+            distributed.check_in_sync(self.model, self.ranks, f"after the growth step at step {self.step}", agreed)
         self.history.append(record)
         self._log(record)
         if record.get("claimed_exact"):  # the init scheme promised an unchanged function; the probe says otherwise
@@ -335,6 +364,8 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.ranks.main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -345,10 +376,15 @@ class Trainer:
                 "trigger_name": self.trigger_name, "config": self.config.model_dump(mode="json"),
                 "plugins": self.selection.as_dict()}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
-                               tokenizer=self.tokenizer, keep=self.config.keep_checkpoints,
-                               components=component_state(self.model))
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0 only: every rank holds the same model and optimizer state)."""
+        components = component_state(self.model)
+        path = None
+        if self.ranks.main:
+            path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
+                                   tokenizer=self.tokenizer, keep=self.config.keep_checkpoints, components=components)
+        distributed.barrier(self.ranks)  # no rank runs ahead of a checkpoint that may yet fail
+        return path
 
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or stop after step ``until``); returns a summary."""
@@ -383,7 +419,7 @@ class Trainer:
             if self.step % c.eval_interval == 0 or self.step == c.max_steps:
                 self._log({"step": self.step, "tokens": self.tokens, "val_loss": self.evaluate()})
             if self.step < c.max_steps:
-                decision = self.trigger.decide(self.step, self.tokens, self.model)
+                decision = distributed.decide(self.trigger.decide(self.step, self.tokens, self.model), self.ranks)
                 if decision.grow:
                     self.grow(decision)
             if self.step % c.save_interval == 0 or self.step == c.max_steps:
@@ -392,6 +428,10 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if self.ranks.distributed:
+            fingerprints = distributed.check_in_sync(self.model, self.ranks, f"at the end of the run (step {self.step})")
+            self._log({"event": "ranks", "step": self.step, "world_size": self.ranks.world_size,
+                       "fingerprints": fingerprints})
         val = self.evaluate()
         return {"step": self.step, "tokens": self.tokens, "loss": last_loss, "val_loss": val,
                 "growth_events": len(self.history), "checkpoint": str(latest_checkpoint(self.out)),
@@ -415,7 +455,8 @@ class Trainer:
     # --------------------------------------------------------------- resume
     @classmethod
     def resume(cls, checkpoint: str | Path, train_blocks, val_blocks, out_dir: str | Path, tokenizer=None,
-               plugins=None, progress: bool = True, echo=print, config: TrainConfig | None = None) -> Trainer:
+               plugins=None, progress: bool = True, echo=print, config: TrainConfig | None = None,
+               ranks: Ranks | None = None) -> Trainer:
         """Continue the run saved in ``checkpoint`` (the grown architecture comes from its config)."""
 
         verify_checksums(checkpoint)  # once here; the load below need not hash the files again
@@ -432,7 +473,7 @@ class Trainer:
         frozen = set(state.get("frozen", []))
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
-        trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo)
+        trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo, ranks=ranks)
         trainer.optimizer = restore_optimizer(make_optimizer(config), model, state, tensors)
         trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
         trainer.flops.total = int(state.get("flops", 0))
@@ -440,7 +481,8 @@ class Trainer:
         trainer.trigger.load_state_dict(state.get("trigger", {}))
         set_rng_state(tensors["rng"])
         restore_python_rng(state.get("python_rng"))
-        truncate_metrics(trainer.out, trainer.step)
+        if trainer.ranks.main:
+            truncate_metrics(trainer.out, trainer.step)
         return trainer
 
 
@@ -465,3 +507,11 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def _silent(message: str) -> None:
+    """The echo of a rank other than 0: only rank 0 prints."""
+
+
+def _digest(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

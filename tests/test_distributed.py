@@ -1,0 +1,201 @@
+"""Growth in a distributed run: 2 processes on the CPU (gloo), started by ``arbor train --nproc 2``.
+
+The run grows twice (a depth step with the exact zero init, then an FFN step with the masked init,
+whose ramp runs across the last steps). Its losses must be those of one process at the same global
+batch (up to fp32 reduction order), every rank must end with the same parameters, its checkpoint
+must resume in one process and in two with the uninterrupted run's losses, and a rank that drifts
+from the others must stop every rank with a message naming them, not hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_plugins import make_dist
+
+from arbor.training import distributed
+from arbor.training.distributed import Ranks, RanksDiverged
+
+CONFIG = """
+vocab_size = 300
+seq_len = 16
+batch_size = 4
+max_steps = 6
+eval_interval = 3
+eval_batches = 2
+save_interval = 3
+log_interval = 1
+sample_tokens = 0
+lr = 0.01
+[model]
+preset = "tiny"
+num_hidden_layers = 2
+[growth]
+trigger = "schedule"
+[growth.trigger_settings]
+steps = [2, 4]
+growth = [{axis = "depth", num_layers = 1, init = "zero"},
+          {axis = "ffn", factor = 1.5, init = "masked", init_settings = {ramp_steps = 2}}]
+"""
+TIMEOUT = 600  # a hang would otherwise hold CI until its own limit
+
+
+def arbor_train(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``arbor train ARGS --no-progress`` in ``workdir``, as a user would start it."""
+    result = subprocess.run([sys.executable, "-m", "arbor", "train", "--no-progress", *args],
+                            cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return result
+
+
+def losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r and "event" not in r]
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run in one process and in two."""
+    work = tmp_path_factory.mktemp("distributed")
+    text = "\n\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(4000))
+    (work / "data.txt").write_text(text)
+    (work / "run.toml").write_text(f'data = "data.txt"\n{CONFIG}')
+    one = arbor_train(work, "run.toml", "--out", "one")
+    assert one.returncode == 0, one.stderr
+    two = arbor_train(work, "run.toml", "--out", "two", "--nproc", "2")
+    assert two.returncode == 0, two.stdout + two.stderr
+    return work, one, two
+
+
+def test_two_processes_train_and_grow_as_one(runs):
+    work, one, two = runs
+    assert "in 2 processes (ddp)" in two.stdout
+    assert two.stdout.count("grew depth") == 1 and two.stdout.count("grew ffn") == 1  # printed by rank 0 only
+    assert losses(work / "two") == pytest.approx(losses(work / "one"), rel=1e-5)
+    records = [json.loads(line) for line in (work / "two" / "metrics.jsonl").read_text().splitlines()]
+    grown = [(r["step"], r["axis"], r["init"], r["exact"]) for r in records if r.get("event") == "growth"]
+    assert grown == [(2, "depth", "zero", True), (4, "ffn", "masked", True)]
+    (ranks,) = [r for r in records if r.get("event") == "ranks"]
+    assert ranks["world_size"] == 2 and ranks["fingerprints"][0] == ranks["fingerprints"][1]
+    # Weights agree to what AdamW makes of fp32 reduction order: it divides by the gradient's running
+    # RMS, which turns a last-bit difference in a near-zero gradient (the new layer's first steps)
+    # into a difference of up to about lr * 1e-2.
+    want, got = weights(work / "one", 6), weights(work / "two", 6)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-4, msg=name)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_distributed_checkpoint_resumes_in_one_process_and_in_two(runs, nproc):
+    work, _, _ = runs
+    copy = work / f"resumed-{nproc}"
+    shutil.copytree(work / "two", copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000006")  # as if the run had stopped after step 3
+    args = ["--out", copy.name, "--resume"] + (["--nproc", "2"] if nproc == 2 else [])
+    result = arbor_train(work, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout
+    assert losses(copy) == pytest.approx(losses(work / "two"), rel=1e-5)
+    resumed = weights(copy, 6)
+    for name, tensor in weights(work / "two", 6).items():
+        if nproc == 2:  # the same reduction order as the uninterrupted run: the same bits
+            assert torch.equal(resumed[name], tensor), name
+        else:
+            torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=5e-4, msg=name)
+
+
+DRIFT = """
+import os
+
+import torch
+import arbor_plugins
+
+
+class Drift(arbor_plugins.InitScheme):
+    description = "new layers get noise that differs per rank (a deliberately desynchronised run)"
+    exact = False
+
+    def initialize(self, model, event, settings):
+        generator = torch.Generator().manual_seed(int(os.environ.get("RANK", "0")))
+        for name, p in model.named_parameters():
+            if name in event.new_parameters:
+                p.add_(torch.randn(p.shape, generator=generator) * 1e-3)
+
+
+@arbor_plugins.hookimpl
+def arbor_register(registry):
+    registry.register("init_scheme", "rank-drift", Drift())
+"""
+
+
+def test_a_rank_that_drifts_stops_every_rank_with_a_message(runs, tmp_path):
+    work, _, _ = runs
+    site = tmp_path / "site"
+    site.mkdir()
+    make_dist(site, "drift-plugin", DRIFT)
+    config = (work / "run.toml").read_text().replace('init = "zero"', 'init = "rank-drift"')
+    (tmp_path / "run.toml").write_text(config.replace('data = "data.txt"', f'data = "{work / "data.txt"}"'))
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    result = arbor_train(tmp_path, "run.toml", "--out", "drift", "--nproc", "2", env={"PYTHONPATH": path})
+    assert result.returncode == 1, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "after the growth step at step 2: the ranks no longer hold the same model" in output
+    assert "ranks [0] hold" in output and "ranks [1] hold" in output
+    assert "a process of the distributed run failed" in output
+
+
+def test_ranks_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Ranks.from_env() == Ranks(1, 2, 1) and Ranks.from_env().distributed and not Ranks.from_env().main
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2 and WORLD_SIZE=2"):
+        Ranks.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        Ranks.from_env()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert Ranks.from_env() == Ranks() and not Ranks().distributed
+
+
+def test_each_rank_takes_its_contiguous_share_of_the_global_batch():
+    batch = torch.arange(12).view(6, 2)
+    assert torch.equal(distributed.shard(batch, Ranks()), batch)
+    parts = [distributed.shard(batch, Ranks(r, 3, r)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), batch)
+    with pytest.raises(ValueError, match="batch_size=6 is invalid for 4 processes.*multiple of 4"):
+        distributed.shard(batch, Ranks(0, 4, 0))
+
+
+def test_fingerprints_tell_models_apart():
+    model = torch.nn.Linear(3, 2)
+    same = distributed.fingerprint(model)
+    assert distributed.check_in_sync(model, Ranks(), "here") == [same]
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-7
+    assert distributed.fingerprint(model)["checksum"] != same["checksum"]
+    assert distributed.fingerprint(model, {"step": 1}) != distributed.fingerprint(model, {"step": 2})
+    assert issubclass(RanksDiverged, RuntimeError)
+
+
+def test_fsdp_is_refused_at_the_start(tmp_path, capsys):
+    from arbor.cli import main
+
+    assert main(["train", "--parallel", "fsdp", "--out", str(tmp_path / "run")]) == 2
+    assert "--parallel 'fsdp' is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
