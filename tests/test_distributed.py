@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,25 @@ def test_fsdp_is_refused_at_the_start(tmp_path, capsys):
     assert main(["train", "--parallel", "fsdp", "--out", str(tmp_path / "run")]) == 2
     assert "--parallel 'fsdp' is not supported yet" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_on_one_machine_train_as_two_processes(runs):
+    # How a cluster is reached: two torchrun agents (one per "node") meet through a c10d rendezvous.
+    work, _, _ = runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "arbor-test",
+               "-m", "arbor", "train", "run.toml", "--out", "nodes", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(outputs)
+    assert sum("in 2 processes (ddp)" in out for out in outputs) == 1  # rank 0's node prints
+    assert losses(work / "nodes") == pytest.approx(losses(work / "two"), rel=1e-6)
