@@ -222,3 +222,15 @@ def test_two_nodes_on_one_machine_train_as_two_processes(runs):
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(outputs)
     assert sum("in 2 processes (ddp)" in out for out in outputs) == 1  # rank 0's node prints
     assert losses(work / "nodes") == pytest.approx(losses(work / "two"), rel=1e-6)
+
+
+def test_a_command_line_the_processes_refuse_exits_2(runs, tmp_path, capfd):
+    from arbor.cli import main
+
+    work, _, _ = runs
+    (tmp_path / "run.toml").write_text((work / "run.toml").read_text().replace("data.txt", str(work / "data.txt")))
+    code = main(["train", str(tmp_path / "run.toml"), "--out", str(tmp_path / "uneven"), "--nproc", "2",
+                 "--no-progress", "--set", "batch_size=3"])
+    assert code == 2
+    assert "batch_size=3 is invalid for 2 processes" in capfd.readouterr().err
+    assert not (tmp_path / "uneven" / "checkpoints").exists()

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 
-from arbor.cli.common import command
+from arbor.cli.common import USAGE_ERROR, command
 from arbor.growth.growable import ArborForCausalLM
 from arbor.model.config import ArborConfig
 from arbor.plugins import get_registry
@@ -267,6 +267,8 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "arbor", *argv])
     except ChildFailedError as exc:
+        if exc.get_first_failure()[1].exitcode == USAGE_ERROR:
+            return USAGE_ERROR  # a process refused the command line (and said why above); the agent ended the rest
         failures = ", ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in sorted(exc.failures.items()))
         raise TrainingStopped(f"a process of the distributed run failed ({failures}); its error is printed above") \
             from None
