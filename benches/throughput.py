@@ -242,7 +242,7 @@ def bench_generation(arbor, llama, args, config) -> dict[str, Any]:
 
 
 def bench_training(arbor, llama, args, config, batches) -> dict[str, Any]:
-    arbor.training.trainer()
+    arbor.train()
     llama.train()
     runs = {"arbor": make_train_step(arbor, batches, args.lr), "llama": make_train_step(llama, batches, args.lr)}
     times = alternate(runs, args.rounds, args.steps, args.warmup, args.device, args.noise_cap)
@@ -251,7 +251,7 @@ def bench_training(arbor, llama, args, config, batches) -> dict[str, Any]:
 
 def bench_compiled(arbor, llama, args, batches) -> dict[str, Any]:
     """Compiled arbor against eager Llama and compiled Llama, alternated in the same rounds."""
-    arbor.training.trainer()
+    arbor.train()
     llama.train()
     options = {"fullgraph": True, "backend": args.compile_backend}
     if args.compile_mode:
@@ -279,7 +279,7 @@ def bench_compiled(arbor, llama, args, batches) -> dict[str, Any]:
 
 def bench_stats(arbor, args, batches) -> dict[str, Any]:
     """The same model and optimizer, with ``stats_interval`` switched between 1 and 0."""
-    arbor.training.trainer()
+    arbor.train()
     plugin = StatsAccumulator()
     pm = get_plugin_manager()
     pm.register(plugin, name="bench-stats")
@@ -307,7 +307,7 @@ def bench_stats(arbor, args, batches) -> dict[str, Any]:
     ]
     # The hook must really have run: every layer, on every stats-on step (warm-up included).
     on_calls = args.warmup + len(result["seconds_per_call_all_rounds"]["stats_on"]) * args.steps
-    expected = on_calls * arbor.model.config.num_hidden_layers
+    expected = on_calls * arbor.config.num_hidden_layers
     if plugin.calls != expected:
         raise RuntimeError(f"stats hook ran {plugin.calls} times, expected {expected}")
     synchronize(args.device)

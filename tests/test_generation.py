@@ -205,7 +205,7 @@ def test_sampled_scores_are_the_processed_full_forward_logits(model):
 # ---------------------------------------------------------------- against Llama
 def test_beam_search_matches_llama_on_copied_weights(attn):
     arbor = fresh(attn)
-    llama = LlamaForCausalLM._from_config(to_llama_config(arbor.model.config),
+    llama = LlamaForCausalLM._from_config(to_llama_config(arbor.config),
                                           attn_implementation=resolve_attn_implementation(attn)).eval()
     missing, unexpected = llama.load_state_dict(arbor.state_dict(), strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)

@@ -240,7 +240,7 @@ class ArborConfig(PreTrainedConfig):
         substrate / substrate_settings: the registered embedding substrate
             that turns token ids into vectors, and its settings.
         min_layers / max_layers: bounds depth growth must stay within.
-        growth: the step ``model.grow()`` takes, as a `arbor.growth.growable.GrowthSpec`
+        growth: the step ``model.grow()`` takes, as an `arbor_plugins.GrowthSpec`
             dict (e.g. ``{"axis": "ffn", "factor": 1.5}``); None means Arbor's
             step, 4 zero-initialised layers at the middle.
         layer_generations: per layer, the depth-growth step that created it
