@@ -234,3 +234,84 @@ def test_a_command_line_the_processes_refuse_exits_2(runs, tmp_path, capfd):
     assert code == 2
     assert "batch_size=3 is invalid for 2 processes" in capfd.readouterr().err
     assert not (tmp_path / "uneven" / "checkpoints").exists()
+
+
+TRAINER_SCRIPT = '''"""A transformers.Trainer with GrowthCallback, run by torchrun in each process."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from arbor import ArborConfig, ArborForCausalLM
+from arbor.training.distributed import current_ranks, fingerprint
+from arbor.training.integrations import GrowthCallback
+
+out = Path(sys.argv[1])
+SEQ, VOCAB = 16, 48
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        self.data[:, 1::2] = (self.data[:, ::2] * 3 + 1) % VOCAB
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+torch.manual_seed(0)
+model = ArborForCausalLM(ArborConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2))
+args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                         dataloader_num_workers=0, ddp_backend="gloo")
+grow = GrowthCallback(trigger="schedule", trigger_settings={"steps": [2, 4]},
+                      growth={"axis": "depth", "num_layers": 1}, log_path=out / "growth.jsonl")
+trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[grow])
+trainer.train()
+ranks = current_ranks()
+losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+(out / f"rank-{ranks.rank}.json").write_text(json.dumps({
+    "world_size": ranks.world_size, "layers": model.config.num_hidden_layers, "losses": losses,
+    "fingerprint": fingerprint(model), "grown_at": [r["step"] for r in grow.history]}))
+'''
+
+
+def test_growth_callback_grows_a_transformers_trainer_under_ddp(tmp_path):
+    # A transformers.Trainer in 2 processes (accelerate wraps the model in DDP): the callback grows
+    # every rank at the same step, and the Trainer's own DDP wrapper trains the grown model after it,
+    # so the ranks, each on its own data, still end with the same parameters.
+    (tmp_path / "script.py").write_text(TRAINER_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "script.py", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["grown_at"] == ranks[1]["grown_at"] == [2, 4]
+    assert ranks[0]["layers"] == ranks[1]["layers"] == 4
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 6
+    logged = (tmp_path / "out" / "growth.jsonl").read_text().splitlines()
+    assert len(logged) == 2  # rank 0 alone writes the growth log
+
+
+def test_growth_callback_refuses_fsdp_and_deepspeed_at_the_start():
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from arbor import ArborConfig, ArborForCausalLM
+    from arbor.training.integrations import GrowthCallback
+
+    model = ArborForCausalLM(ArborConfig.from_preset("tiny", num_hidden_layers=1))
+    for sharding in ({"fsdp": "full_shard", "deepspeed": None}, {"fsdp": None, "deepspeed": "ds.json"}):
+        args = SimpleNamespace(world_size=2, local_rank=0, **sharding)
+        with pytest.raises(ValueError, match="supports one process or DistributedDataParallel"):
+            GrowthCallback().on_train_begin(args, TrainerState(max_steps=10), None, model=model)

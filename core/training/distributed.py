@@ -26,6 +26,7 @@ process or in any number of them.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -34,11 +35,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from arbor_plugins import Decision
 
-__all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", "check_in_sync", "decide", "finish", "fingerprint", "init",
-           "mean", "shard"]
+__all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", "check_in_sync", "current_ranks", "decide",
+           "find_wrapper", "finish", "fingerprint", "init", "mean", "rewrap", "shard"]
 
 #: What ``--parallel`` may name.
 PARALLEL = ("ddp",)
@@ -173,6 +175,42 @@ def check_in_sync(model: torch.nn.Module, ranks: Ranks, what: str, extra: Any = 
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
         dist.barrier()
+
+
+def current_ranks(local_rank: int = 0) -> Ranks:
+    """The ranks of the process group this process has joined (one process when it has joined none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), max(0, local_rank))
+
+
+def find_wrapper(model: torch.nn.Module) -> DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` that wraps ``model``, wherever it was built.
+
+    The transformers Trainer builds it (through accelerate) and keeps it in its training loop
+    without handing it to callbacks, so it is looked up among the live objects: a scan of the
+    garbage collector's objects, done once per run.
+    """
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and obj.module is model:
+            return obj
+    return None
+
+
+def rewrap(wrapper: DistributedDataParallel) -> None:
+    """Rebuild ``wrapper`` in place around its grown module, with the settings it was built with.
+
+    A growth step replaces parameters, and DDP's reducer holds the old ones; building a new
+    wrapper would leave whoever holds the old object (the transformers Trainer's loop) training
+    through it. Running the constructor again on the same object swaps the reducer, registers
+    the new parameters and broadcasts rank 0's weights, as a fresh wrapper would.
+    """
+    DistributedDataParallel.__init__(
+        wrapper, wrapper.module, device_ids=wrapper.device_ids, output_device=wrapper.output_device,
+        dim=wrapper.dim, process_group=wrapper.process_group,
+        bucket_cap_mb=wrapper.bucket_bytes_cap / (1024 * 1024),
+        find_unused_parameters=wrapper.find_unused_parameters,
+        gradient_as_bucket_view=wrapper.gradient_as_bucket_view, static_graph=wrapper.static_graph)
 
 
 def finish(ranks: Ranks) -> None:

@@ -30,10 +30,15 @@ wrapper's ``param_groups`` and ``state`` are views of it, so the Trainer
 steps the new groups), and on the torch LR scheduler (unwrapped from an
 ``AcceleratedScheduler`` if there is one), whose ``LambdaLR`` gets one lambda
 per new group. Warm-ups of new groups (``warmup_steps``) advance here, after
-every step. Growth changes the parameter set, which multi-process wrappers
-(DDP, FSDP, DeepSpeed) fix at start: only single-process training (one
-device, or ``DataParallel``) is supported, and anything else is refused at
-the start of training.
+every step.
+
+Several processes. Under ``torchrun`` (or ``accelerate launch``) with
+``DistributedDataParallel``, the decision is rank 0's (broadcast), every rank
+takes the same growth step, the ranks' parameters are compared after it
+(`arbor.training.distributed.check_in_sync`), and the Trainer's DDP wrapper is
+rebuilt in place around the grown model, so its loop goes on training the grown
+model on every rank. FSDP and DeepSpeed shard the parameters in ways the growth
+operators do not follow, and are refused at the start of training.
 
 Checkpoints and resume. The grown config is saved with the weights, the
 trigger's state, the growth history, the frozen parameters and the optimizer's
@@ -70,6 +75,7 @@ from arbor.growth.optim import _base_group_index, _ramp, drop_frozen_state, step
 from arbor.growth.step import GrowthStep, describe_growth, parse_growth_spec
 from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.plugins.selection import load_plugins_toml
+from arbor.training import distributed
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 
@@ -165,6 +171,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
         for field, value in (("warmup_steps", warmup_steps), ("seq_len", 0 if seq_len is None else seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field}={value!r} is invalid: must be an integer >= 0")
+        self._ranks, self._ddp = distributed.Ranks(), None  # set at the start of training
         # Checked now; kept as given (the fields the user set), so records show the spec as written.
         self.growth = None if growth is None else parse_growth_spec(growth).model_dump(exclude_unset=True)
         self.selection = plugins if hasattr(plugins, "choices") else load_plugins_toml(plugins)
@@ -240,11 +247,18 @@ class GrowthCallback(TrainerCallback, ExportableState):
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kwargs):
-        if args.world_size > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError(f"GrowthCallback supports single-process training only (got world_size="
-                             f"{args.world_size}, deepspeed={args.deepspeed!r}, fsdp={args.fsdp!r}): growth "
-                             "changes the parameter set, which DDP, FSDP and DeepSpeed fix at start")
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise ValueError(f"GrowthCallback supports one process or DistributedDataParallel (got "
+                             f"deepspeed={args.deepspeed!r}, fsdp={args.fsdp!r}): growth changes the parameter "
+                             "set, and FSDP and DeepSpeed shard it in ways the growth operators do not follow")
         self._model = unwrap_model(model)
+        self._ranks = distributed.current_ranks(getattr(args, "local_rank", 0))
+        self._ddp = None
+        if self._ranks.distributed:
+            self._ddp = distributed.find_wrapper(self._model)
+            if self._ddp is None:
+                raise ValueError(f"GrowthCallback: the Trainer runs in {self._ranks.world_size} processes but its "
+                                 "model is not wrapped in DistributedDataParallel; only DDP is supported")
         self._optimizer = unwrap_optimizer(optimizer)
         settings = self._trigger_settings
         if settings is None:  # the default schedule: a third and two thirds of the run
@@ -313,7 +327,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
         self.trigger.observe(step, tokens, loss, self._model)
         if state.max_steps and step >= state.max_steps:
             return  # growing after the last step would only change what gets saved
-        decision = self.trigger.decide(step, tokens, self._model)
+        decision = distributed.decide(self.trigger.decide(step, tokens, self._model), self._ranks)
         if decision.grow:
             record = self.grow(decision, step, tokens, optimizer, unwrap_scheduler(lr_scheduler))
             state.log_history.append(record)
@@ -325,12 +339,17 @@ class GrowthCallback(TrainerCallback, ExportableState):
                                    probe=self._probe_loss, reason=decision.reason, step=step, tokens=tokens,
                                    trigger=self.trigger, trigger_name=self.trigger_name)
         record = result.record
+        if self._ranks.distributed:
+            agreed = {k: record.get(k) for k in ("step", "spec", "axis", "positions", "init", "layers", "params")}
+            distributed.check_in_sync(self._model, self._ranks, f"after the growth step at step {step}", agreed)
+            distributed.rewrap(self._ddp)  # the Trainer's loop keeps training through this same wrapper
         self.history.append(record)
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        self._echo(describe_growth(record))
+        if self._ranks.main:  # one line per step in the log and on the console, however many processes
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            self._echo(describe_growth(record))
         return record
 
     @torch.no_grad()
