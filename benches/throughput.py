@@ -14,7 +14,13 @@ code. Three metrics:
    the same model with statistics off;
 4. with ``--compile``: the training step of ``torch.compile``-d arbor (``fullgraph=True``)
    against eager Llama and against Llama compiled the same way, timed in one alternation
-   (compile time is spent in the warm-up, not timed).
+   (compile time is spent in the warm-up, not timed);
+5. ``--metrics distributed``: arbor's own data-parallel training (`arbor.training.trainer.Trainer`
+   under torchrun, ``--nproc`` processes) against the same Trainer in one process, at the same
+   per-rank batch: tokens/s of all ranks together, and what one growth step (with its checks and
+   the rebuilt DDP wrapper) and the first step after it cost, in training steps. Each side is a
+   fresh torchrun launch (``benches/distributed_worker.py``); launches alternate, ``--dist-rounds``
+   of each.
 
 Method: warm-up first; then each round runs A and B back to back (the order
 flips every round, A B / B A, so neither side always runs on a warmer cache);
@@ -28,6 +34,7 @@ took the cores) is re-run, and reported as disturbed.
     python benches/throughput.py --device cuda --dtype bfloat16 --preset bench-large
     python benches/throughput.py --json runs/throughput.json
     python benches/throughput.py --metrics training --compile   # + compiled rows (inductor: minutes to compile on a CPU)
+    python benches/throughput.py --metrics distributed --nproc 2  # 2 ranks against 1
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -341,6 +350,49 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     return env
 
 
+def bench_distributed(config: ArborConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """``--nproc`` ranks of arbor's Trainer against one, each launch a fresh torchrun (see module doc)."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings")
+    spec = json.dumps({k: getattr(config, k) for k in keys})
+    runs: dict[int, list[dict[str, Any]]] = {1: [], args.nproc: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.dist_rounds):
+            order = [1, args.nproc] if round_ % 2 == 0 else [args.nproc, 1]
+            for nproc in order:
+                out = os.path.join(tmp, f"{nproc}-{round_}.json")
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), worker, out, "--config", spec, "--batch", str(args.batch), "--seq",
+                           str(args.seq), "--steps", str(max(3, args.steps)), "--device", args.device]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"the {nproc}-process launch failed:\n{done.stderr[-2000:]}")
+                with open(out) as f:
+                    runs[nproc].append(json.load(f))
+    summary: dict[str, Any] = {"runs": {str(k): v for k, v in runs.items()}, "nproc": args.nproc}
+    for nproc, measured in runs.items():
+        step = statistics.median(r["step_seconds"] for r in measured)
+        summary[f"ranks_{nproc}"] = {
+            "tokens_per_second": statistics.median(r["tokens_per_s"] for r in measured),
+            "growth_in_steps": statistics.median(r["growth_seconds"] for r in measured) / step,
+            "first_step_after_growth_in_steps": statistics.median(
+                r["first_step_after_growth_seconds"] for r in measured) / step,
+        }
+    summary["ratio"] = (summary[f"ranks_{args.nproc}"]["tokens_per_second"]
+                        / summary["ranks_1"]["tokens_per_second"])
+    return summary
+
+
+def print_distributed(r: dict[str, Any]) -> None:
+    n, one, many = r["nproc"], r["ranks_1"], r[f"ranks_{r['nproc']}"]
+    print(f"distributed {n} ranks {many['tokens_per_second']:>11,.0f} tok/s   1 rank {one['tokens_per_second']:>11,.0f} "
+          f"tok/s   {n}/1 {r['ratio']:.3f}x  (same per-rank batch; medians of {len(r['runs']['1'])} launches)")
+    for label, side in ((f"{n} ranks", many), ("1 rank", one)):
+        print(f"  growth step, {label}: {side['growth_in_steps']:.2f} training steps, then the first step after "
+              f"it {side['first_step_after_growth_in_steps']:.2f} steps")
+
+
 def print_table(results: dict[str, Any]) -> None:
     rows = []
     for metric, a, b, label in (
@@ -399,11 +451,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time the training step of torch.compile-d arbor against eager and compiled Llama")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. max-autotune)")
+    p.add_argument("--nproc", type=int, default=2, help="processes of the distributed metric")
+    p.add_argument("--dist-rounds", type=int, default=3, help="launches of each side for the distributed metric")
     args = p.parse_args(argv)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(args.metrics) - {"training", "generation", "stats"}
+    unknown = set(args.metrics) - {"training", "generation", "stats", "distributed"}
     if unknown:
-        p.error(f"--metrics: unknown {', '.join(sorted(unknown))}; choose from training, generation, stats")
+        p.error(f"--metrics: unknown {', '.join(sorted(unknown))}; choose from training, generation, stats, "
+                "distributed")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.attn == "flash_attention_2" and not args.device.startswith("cuda"):
@@ -411,7 +466,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.attn == "flex_attention" and args.device == "cpu":
         p.error("--attn flex_attention: flex attention is refused on CPU (its CPU kernels give wrong results); "
                 "use --device cuda")
-    for name in ("seq", "batch", "steps", "rounds", "new_tokens", "prompt_len", "gen_batch"):
+    if args.nproc < 2:
+        p.error(f"--nproc {args.nproc}: the distributed metric compares >= 2 processes with one")
+    for name in ("seq", "batch", "steps", "rounds", "new_tokens", "prompt_len", "gen_batch", "dist_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -452,10 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     if "stats" in args.metrics:
         del llama  # only arbor is timed from here on; free the memory Llama holds
         results["stats"] = bench_stats(arbor, args, batches)
+    if "distributed" in args.metrics:
+        results["distributed"] = bench_distributed(config, args)
     elapsed = time.perf_counter() - started
 
     print()
     print_table(results)
+    if "distributed" in results:
+        print_distributed(results["distributed"])
     if "generation" in results and not results["generation"]["same_greedy_output"]:
         print("note: greedy outputs of arbor and llama differ (ties in near-uniform logits can flip a token)")
     print(f"\ntotal {elapsed:.0f} s")
