@@ -25,7 +25,15 @@ from arbor_plugins.components import (
     Trigger,
     TriggerState,
 )
-from arbor_plugins.growth import AXES, GrowthError, GrowthEvent, GrowthSpec, ResizedParameter, UserError, parse_growth_spec
+from arbor_plugins.growth import (
+    AXES,
+    GrowthError,
+    GrowthEvent,
+    GrowthSpec,
+    ResizedParameter,
+    UserError,
+    parse_growth_spec,
+)
 from arbor_plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
 from arbor_plugins.registry import DEFAULTS, KINDS, ComponentConflictError, Registry, UnknownComponentError
 

@@ -237,8 +237,8 @@ class Run:
 
     def __init__(self, name: str, lr: float, model_config: dict[str, Any], events: list[dict[str, Any]],
                  args, data, out: Path, schedule: dict[str, Any] | None = None, selection=None):
-        from arbor.model.config import ArborConfig
         from arbor import ArborForCausalLM
+        from arbor.model.config import ArborConfig
         from arbor.training.trainer import TrainConfig, Trainer
 
         self.name, self.lr, self.events = name, lr, list(events)
@@ -364,8 +364,8 @@ def prepare_data(args):
 def run_benchmark(args) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from arbor.training.flops import training_flops_per_token
     from arbor.model.config import ArborConfig
+    from arbor.training.flops import training_flops_per_token
 
     started = time.perf_counter()
     schedules = load_schedules(args.schedules)
@@ -450,8 +450,8 @@ def run_benchmark(args) -> dict[str, Any]:
 
 
 def _build(config: dict[str, Any]):
-    from arbor.model.config import ArborConfig
     from arbor import ArborForCausalLM
+    from arbor.model.config import ArborConfig
 
     return ArborForCausalLM._from_config(ArborConfig(**config))
 

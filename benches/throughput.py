@@ -386,7 +386,8 @@ def bench_distributed(config: ArborConfig, args: argparse.Namespace) -> dict[str
 
 def print_distributed(r: dict[str, Any]) -> None:
     n, one, many = r["nproc"], r["ranks_1"], r[f"ranks_{r['nproc']}"]
-    print(f"distributed {n} ranks {many['tokens_per_second']:>11,.0f} tok/s   1 rank {one['tokens_per_second']:>11,.0f} "
+    print(f"distributed {n} ranks {many['tokens_per_second']:>11,.0f} tok/s   "
+          f"1 rank {one['tokens_per_second']:>11,.0f} "
           f"tok/s   {n}/1 {r['ratio']:.3f}x  (same per-rank batch; medians of {len(r['runs']['1'])} launches)")
     for label, side in ((f"{n} ranks", many), ("1 rank", one)):
         print(f"  growth step, {label}: {side['growth_in_steps']:.2f} training steps, then the first step after "

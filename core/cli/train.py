@@ -279,7 +279,8 @@ def _launch(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     if args.parallel not in distributed.PARALLEL:
         why = distributed.UNSUPPORTED.get(args.parallel, "")
-        raise ValueError(f"--parallel {args.parallel!r} is not supported{why}; allowed: {', '.join(distributed.PARALLEL)}")
+        raise ValueError(f"--parallel {args.parallel!r} is not supported{why}; "
+                         f"allowed: {', '.join(distributed.PARALLEL)}")
     if args.nproc is not None and not args.check:
         return _launch(args)
     ranks = Ranks.from_env()
