@@ -32,7 +32,7 @@ steps the new groups), and on the torch LR scheduler (unwrapped from an
 per new group. Warm-ups of new groups (``warmup_steps``) advance here, after
 every step.
 
-Several processes. Under ``torchrun`` (or ``accelerate launch``) with
+Several processes. Under ``torchrun``, where the Trainer wraps the model in
 ``DistributedDataParallel``, the decision is rank 0's (broadcast), every rank
 takes the same growth step, the ranks' parameters are compared after it
 (`arbor.training.distributed.check_in_sync`), and the Trainer's DDP wrapper is
