@@ -126,16 +126,17 @@ def test_width_growth_resizes_adam_state_in_place(tmp_path):
 
 
 def test_default_schedule_warmup_and_tokens(tmp_path):
-    # No settings: grow at a third and two thirds of max_steps; the Trainer counts the tokens.
+    # No settings: grow where arbor train does, at 10 % and 30 % of max_steps (steps 1 and 3 of 9);
+    # the Trainer counts the tokens.
     grow = GrowthCallback(growth={"axis": "depth", "num_layers": 1}, warmup_steps=3, echo=lambda line: None)
     trainer, seen = train(tmp_path, grow, arguments(tmp_path, max_steps=9, include_num_input_tokens_seen=True,
                                                     **compat.checkpointing_training_argument()))
-    assert [e["step"] for e in grow.history] == [3, 6]
+    assert [e["step"] for e in grow.history] == [1, 3]
     assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)  # inserted ones too
-    assert [e["tokens"] for e in grow.history] == [3 * 4 * SEQ, 6 * 4 * SEQ]
+    assert [e["tokens"] for e in grow.history] == [1 * 4 * SEQ, 3 * 4 * SEQ]
     by_step = {s["step"]: s for s in seen.steps}
     # The new group ramps up to the base lr over 3 steps (the scheduler's lambda carries the ramp).
-    ramp = [by_step[k]["lrs"][2] / by_step[k]["lrs"][0] for k in (3, 4, 5, 6)]
+    ramp = [by_step[k]["lrs"][2] / by_step[k]["lrs"][0] for k in (1, 2, 3, 4)]
     assert ramp == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     warm = unwrap_optimizer(trainer.optimizer).param_groups[2]["arbor_warmup"]
     assert warm["done"] == warm["steps"] == 3

@@ -76,6 +76,7 @@ from arbor.growth.step import GrowthStep, describe_growth, parse_growth_spec
 from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.plugins.selection import load_plugins_toml
 from arbor.training import distributed
+from arbor.training.trainer import default_marks
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 
@@ -138,7 +139,8 @@ class GrowthCallback(TrainerCallback, ExportableState):
     * ``trigger`` / ``trigger_settings``: a registered trigger (``utilization``,
       ``loss-plateau``, ``schedule``, ``compute-optimal``, or a plugin's) and its
       settings; ``None`` takes ``[trigger]`` of ``plugins.toml``. ``"schedule"``
-      without settings grows at 1/3 and 2/3 of ``max_steps``.
+      without settings grows where ``arbor train`` does, at 10 % and 30 % of
+      ``max_steps`` (`arbor.training.trainer.DEFAULT_GROWTH`).
     * ``growth``: the step ``model.grow`` takes when the trigger names none (a
       `GrowthSpec` dict, e.g. ``{"axis": "ffn", "factor": 1.5}``); default the
       model's ``config.growth``, else 4 layers at the middle.
@@ -261,9 +263,8 @@ class GrowthCallback(TrainerCallback, ExportableState):
                                  "model is not wrapped in DistributedDataParallel; only DDP is supported")
         self._optimizer = unwrap_optimizer(optimizer)
         settings = self._trigger_settings
-        if settings is None:  # the default schedule: a third and two thirds of the run
-            third = max(1, state.max_steps // 3)
-            settings = self._trigger.validate_settings({"steps": sorted({third, 2 * third})})
+        if settings is None:  # the default schedule, at arbor train's fractions of the run (10 % and 30 %)
+            settings = self._trigger.validate_settings({"steps": default_marks(state.max_steps)})
         self.trigger = self._trigger.start(self._model, settings)
         self._tokens_per_step = self._estimate_tokens_per_step(args, train_dataloader)
         counts_tokens = self.trigger_name == "compute-optimal" or getattr(settings, "tokens", None) is not None

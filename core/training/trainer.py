@@ -176,11 +176,16 @@ def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dic
         if g.step is None:
             settings.setdefault("growth", [dict(step) for _, step in DEFAULT_GROWTH])
     if name == "schedule" and "steps" not in settings and "tokens" not in settings:
-        marks: list[int] = []  # a schedule without marks: DEFAULT_GROWTH's, strictly ascending
-        for fraction, _ in DEFAULT_GROWTH:
-            marks.append(max(round(fraction * config.max_steps), marks[-1] + 1 if marks else 1))
-        settings["steps"] = marks
+        settings["steps"] = default_marks(config.max_steps)  # a schedule without marks: DEFAULT_GROWTH's
     return name, settings
+
+
+def default_marks(max_steps: int) -> list[int]:
+    """The steps at which `DEFAULT_GROWTH` grows a run of ``max_steps``: its fractions, strictly ascending."""
+    marks: list[int] = []
+    for fraction, _ in DEFAULT_GROWTH:
+        marks.append(max(round(fraction * max_steps), marks[-1] + 1 if marks else 1))
+    return marks
 
 
 class Trainer:
