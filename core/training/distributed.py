@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from arbor_plugins import Decision
 
-__all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", "check_in_sync", "current_ranks", "decide",
-           "find_wrapper", "finish", "fingerprint", "init", "mean", "rewrap", "shard"]
+__all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", "check_growth", "check_in_sync", "current_ranks", "decide",
+           "digest", "find_wrapper", "finish", "fingerprint", "init", "mean", "rewrap", "shard"]
 
 #: What ``--parallel`` may name.
 PARALLEL = ("ddp",)
@@ -143,13 +143,22 @@ def decide(decision: Decision, ranks: Ranks) -> Decision:
     return Decision(**box[0])
 
 
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu", copy=False).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A short SHA-256 of ``tensor``'s bytes (the token blocks every rank must share)."""
+    return hashlib.sha256(_bytes(tensor)).hexdigest()[:16]
+
+
 def fingerprint(model: torch.nn.Module, extra: Any = None) -> dict[str, Any]:
     """Parameter count and a SHA-256 of every parameter's bytes, in name order (plus ``extra``, JSON)."""
     digest = hashlib.sha256()
     count = 0
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         digest.update(name.encode())
-        digest.update(p.detach().to("cpu", copy=False).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(_bytes(p))
         count += p.numel()
     if extra is not None:
         digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
@@ -170,6 +179,14 @@ def check_in_sync(model: torch.nn.Module, ranks: Ranks, what: str, extra: Any = 
         described = "; ".join(f"ranks {ranks_} hold {g}" for g, ranks_ in groups.items())
         raise RanksDiverged(f"{what}: the ranks no longer hold the same model ({described}); stopped on every rank")
     return gathered
+
+
+def check_growth(model: torch.nn.Module, ranks: Ranks, record: dict[str, Any]) -> None:
+    """`check_in_sync` after a growth step: the same parameters, and the same step taken (its record)."""
+    if not ranks.distributed:
+        return
+    taken = {k: record.get(k) for k in ("step", "spec", "axis", "positions", "init", "layers", "params")}
+    check_in_sync(model, ranks, f"after the growth step at step {record.get('step')}", taken)
 
 
 def barrier(ranks: Ranks) -> None:

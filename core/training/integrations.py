@@ -341,8 +341,7 @@ class GrowthCallback(TrainerCallback, ExportableState):
                                    trigger=self.trigger, trigger_name=self.trigger_name)
         record = result.record
         if self._ranks.distributed:
-            agreed = {k: record.get(k) for k in ("step", "spec", "axis", "positions", "init", "layers", "params")}
-            distributed.check_in_sync(self._model, self._ranks, f"after the growth step at step {step}", agreed)
+            distributed.check_growth(self._model, self._ranks, record)
             distributed.rewrap(self._ddp)  # the Trainer's loop keeps training through this same wrapper
         self.history.append(record)
         if self._ranks.main:  # one line per step in the log and on the console, however many processes

@@ -22,7 +22,6 @@ its config; growth itself is `arbor.growth.step.GrowthStep`, data order
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -224,7 +223,8 @@ class Trainer:
         self.optimizer = make_optimizer(config)(_param_groups(model, config))
         self._setup_growth()
         if self.ranks.distributed:  # every rank must start from the same model and the same data
-            data = {"train": _digest(train_blocks), "validation": _digest(val_blocks), "step": self.step}
+            data = {"train": distributed.digest(train_blocks), "validation": distributed.digest(val_blocks),
+                    "step": self.step}
             distributed.check_in_sync(model, self.ranks, "at the start of the run", data)
 
     # ----------------------------------------------------------- components
@@ -350,8 +350,7 @@ class Trainer:
         record = result.record
         if self.ranks.distributed:
             self._ddp = None  # it holds the old parameters; the next step wraps the grown model
-            agreed = {k: record.get(k) for k in ("step", "spec", "axis", "positions", "init", "layers", "params")}
-            distributed.check_in_sync(self.model, self.ranks, f"after the growth step at step {self.step}", agreed)
+            distributed.check_growth(self.model, self.ranks, record)
         self.history.append(record)
         self._log(record)
         if record.get("claimed_exact"):  # the init scheme promised an unchanged function; the probe says otherwise
@@ -516,7 +515,3 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
 
 def _silent(message: str) -> None:
     """The echo of a rank other than 0: only rank 0 prints."""
-
-
-def _digest(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
