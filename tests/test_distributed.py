@@ -47,6 +47,7 @@ growth = [{axis = "depth", num_layers = 1, init = "zero"},
           {axis = "ffn", factor = 1.5, init = "masked", init_settings = {ramp_steps = 2}}]
 """
 TIMEOUT = 600  # a hang would otherwise hold CI until its own limit
+TESTS = os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])
 
 
 def arbor_train(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -236,38 +237,20 @@ def test_a_command_line_the_processes_refuse_exits_2(runs, tmp_path, capfd):
     assert not (tmp_path / "uneven" / "checkpoints").exists()
 
 
-TRAINER_SCRIPT = '''"""A transformers.Trainer with GrowthCallback, run by torchrun in each process."""
+# A transformers.Trainer with GrowthCallback, run by torchrun in each process.
+TRAINER_SCRIPT = '''
 import json
 import sys
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainingArguments
 
-from arbor import ArborConfig, ArborForCausalLM
 from arbor.training.distributed import current_ranks, fingerprint
 from arbor.training.integrations import GrowthCallback
+from test_integrations import Blocks, tiny_model  # the single-process tests' data and model
 
 out = Path(sys.argv[1])
-SEQ, VOCAB = 16, 48
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n=64):
-        g = torch.Generator().manual_seed(0)
-        self.data = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-        self.data[:, 1::2] = (self.data[:, ::2] * 3 + 1) % VOCAB
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
-
-
-torch.manual_seed(0)
-model = ArborForCausalLM(ArborConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2))
+model = tiny_model()
 args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                          dataloader_num_workers=0, ddp_backend="gloo")
@@ -290,7 +273,7 @@ def test_growth_callback_grows_a_transformers_trainer_under_ddp(tmp_path):
     (tmp_path / "script.py").write_text(TRAINER_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "script.py", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS})
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
