@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from arbor_plugins import Decision
@@ -153,10 +154,16 @@ def digest(tensor: torch.Tensor) -> str:
 
 
 def fingerprint(model: torch.nn.Module, extra: Any = None) -> dict[str, Any]:
-    """Parameter count and a SHA-256 of every parameter's bytes, in name order (plus ``extra``, JSON)."""
+    """Parameter count and a SHA-256 of every parameter's bytes, in name order (plus ``extra``, JSON).
+
+    A parameter sharded by FSDP2 is gathered whole first (one at a time, a collective every rank
+    runs in the same order), so sharded ranks compare the model, not their different shards.
+    """
     digest = hashlib.sha256()
     count = 0
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if isinstance(p, DTensor):
+            p = p.full_tensor()
         digest.update(name.encode())
         digest.update(_bytes(p))
         count += p.numel()
