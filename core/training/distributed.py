@@ -46,8 +46,9 @@ __all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", 
 #: What ``--parallel`` may name.
 PARALLEL = ("ddp",)
 #: Modes that are known but refused, with the reason (the message of ``--parallel``).
-UNSUPPORTED = {"fsdp": " yet: growing a model sharded by FSDP2 needs its growth operators to work on shards, "
-                       "which they do not; train data parallel (ddp), where each rank holds the whole model"}
+UNSUPPORTED = {"fsdp": " yet: arbor train does not shard the model (arbor.training.sharding grows an FSDP2-sharded "
+                       "model in depth, from your own loop); train data parallel (ddp), where each rank holds "
+                       "the whole model"}
 
 
 class RanksDiverged(RuntimeError):
