@@ -78,6 +78,6 @@ if __name__ == "__main__":
                    "same_names": same_names, "max_weight_diff": diff,
                    "layers": sharded.config.num_hidden_layers, "refused": refused, "unchanged": unchanged,
                    "units": len(sharded._get_fsdp_state()._state_ctx.all_states),
-                   "sharded_layers": sum(isinstance(layer, sharding.FSDPModule) for layer in sharded.model.layers)},
+                   "sharded_layers": sum(map(sharding.is_sharded, sharded.model.layers))},
                   open(sys.argv[1], "w"))
     dist.destroy_process_group()

@@ -54,7 +54,7 @@ def _deref(ref) -> Any:
     return ref
 
 
-def _rebind(optimizer, old: torch.Tensor, new: torch.Tensor) -> bool:
+def rebind(optimizer, old: torch.Tensor, new: torch.Tensor) -> bool:
     """Make ``optimizer`` hold ``new`` where it held ``old`` (growth may replace Parameter objects)."""
     found = False
     for group in optimizer.param_groups:
@@ -107,7 +107,7 @@ def hand_over(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Te
     are freed before the next tensor grows. Moment scales of init schemes are
     applied later, by `carry_over`.
     """
-    _rebind(optimizer, old, new)
+    rebind(optimizer, old, new)
     state = optimizer.state.get(new)
     if not state:
         return
@@ -249,7 +249,7 @@ def carry_over(
             continue
         old = _deref(info.old_param)
         if old is not None and old is not new:
-            _rebind(optimizer, old, new)
+            rebind(optimizer, old, new)
         if new.grad is not None and tuple(new.grad.shape) != tuple(new.shape):
             new.grad = None  # a stale old-shaped gradient would break the next step
         if not new.requires_grad:

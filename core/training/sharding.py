@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from arbor.growth.optim import rebind
 from arbor.growth.step import GrowthResult, GrowthStep
 from arbor_plugins.growth import GrowthError, GrowthSpec
 
@@ -53,7 +54,7 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh | None = None, **option
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is an FSDP2 root."""
+    """Whether ``model`` is an FSDP2 unit (``fully_shard`` was applied to it)."""
     return isinstance(model, FSDPModule)
 
 
@@ -84,15 +85,11 @@ def _shard_new_layer(layer: torch.nn.Module, mesh: DeviceMesh, optimizer, option
     if optimizer is None:
         return
     for name, sharded in layer.named_parameters():
-        old = plain[name]
-        for group in optimizer.param_groups:
-            group["params"] = [sharded if p is old else p for p in group["params"]]
-        state = optimizer.state.pop(old, None)
-        if state:
-            optimizer.state[sharded] = {
-                key: distribute_tensor(value, mesh, sharded.placements)
-                if torch.is_tensor(value) and value.shape == sharded.shape else value
-                for key, value in state.items()}
+        rebind(optimizer, plain[name], sharded)
+        state = optimizer.state.get(sharded, {})
+        for key, value in state.items():  # moments an init gave the new parameter, sharded like it
+            if torch.is_tensor(value) and value.shape == sharded.shape:
+                state[key] = distribute_tensor(value, mesh, sharded.placements)
 
 
 def grow_sharded(step: GrowthStep, model: torch.nn.Module, spec: dict | GrowthSpec | None = None, *,
