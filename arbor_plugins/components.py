@@ -42,6 +42,11 @@ class Component:
     def validate_settings(cls, settings: dict[str, Any] | None) -> BaseModel:
         return cls.Settings.model_validate(settings or {})
 
+    def describe(self, settings: BaseModel) -> str:
+        """``description`` as it applies to ``settings`` on this machine (a substrate may name the
+        font it found there, say); ``arbor plugins`` and ``arbor presets`` show it."""
+        return self.description
+
 
 class Substrate(Component):
     """Turns token ids into the model's input vectors.

@@ -9,18 +9,21 @@ PGT's "visual Unicode" substrate (Bochkov 2025), built like this:
    ``vocab_size`` code points). Special tokens, the code-point tokenizer's
    reserved placeholders and ids the tokenizer does not have get no text.
 2. Rendering: each text drawn in grey levels into a ``size`` x ``size`` bitmap
-   (32 x 32 by default) with the font of the ``font`` setting, by default
-   DejaVu Sans as shipped with matplotlib (PGT used GNU Unifont; pass its
-   path as ``font`` to get its coverage). The baseline sits so the font's
-   ascent and descent fit; the text is centred horizontally and drawn smaller
-   when wider than the bitmap. Whitespace inside a text is drawn as a space.
+   (32 x 32 by default) with the font the ``font`` setting chooses (see
+   `choose_font`): by default GNU Unifont, as PGT used, when it is installed
+   (``apt install fonts-unifont`` on Debian and Ubuntu puts it where it is
+   found), else DejaVu Sans as shipped with matplotlib, with a
+   `UnifontMissingWarning` saying so. The baseline sits so the font's ascent
+   and descent fit; the text is centred horizontally and drawn smaller when
+   wider than the bitmap. Whitespace inside a text is drawn as a space.
 3. No glyph: a text that has a character the font lacks (not in its cmap), or
    that draws nothing (no text, whitespace only, invisible characters), gets a
    pseudo-random bitmap instead, seeded by a hash of its id and text, so such
    tokens stay distinct from each other and from every glyph. How many tokens
    this hit is logged and kept on the module (``no_glyph`` and ``blank``).
-   With DejaVu Sans most of the BMP has no glyph (the font covers about 5,400
-   of its code points); Unifont covers nearly all of it.
+   A font's coverage (`bmp_coverage`) is how many of the 65,536 BMP code points
+   its cmap has a glyph for: GNU Unifont 15 has 57,086, DejaVu Sans 5,367, so
+   with DejaVu most of the BMP gets pseudo-random bitmaps.
 4. Pixels ordered from the centre outwards: by distance from the bitmap's
    centre, then by angle counter-clockwise from the positive x axis (y up).
    PCA does not depend on the order of its features; the order is PGT's and
@@ -43,19 +46,25 @@ file's bytes, ``size``, ``width`` and the rules above, in ``$ARBOR_CACHE_DIR/gly
 minute on two CPU cores the first time, and 256 MB of disk. The first build writes ``font_sha256`` and
 ``texts_sha256`` into ``config.substrate_settings``; a later build (after
 ``from_pretrained``, say) whose font or texts hash differently stops with an
-error instead of quietly giving the trained model other embeddings.
+error instead of quietly giving the trained model other embeddings. Without a
+``font`` setting, a later build takes whichever of Unifont and DejaVu Sans has
+the recorded hash, so installing Unifont does not change a model built before.
 
 Renders with Pillow and reads font tables with matplotlib (both dependencies of arbor-lm).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -77,7 +86,9 @@ _CHUNK = 8192  # rows per block in the PCA sums: bounds the temporary copies
 
 
 class GlyphSettings(StrictSettings):
-    #: Font file (TrueType/OpenType); None: matplotlib's DejaVu Sans.
+    #: Font: a TrueType/OpenType file, ``"unifont"`` (GNU Unifont, an error when it is not installed),
+    #: ``"dejavu"`` (matplotlib's DejaVu Sans), or None: Unifont when installed, else DejaVu Sans
+    #: with a warning. `choose_font` resolves it; `bmp_coverage` counts a font's code points.
     font: str | None = None
     #: ``tokenizer.json`` (or a directory with one) giving token texts; None: code points.
     #: Saved configs keep paths as given, so absolute paths travel best (font too).
@@ -106,11 +117,153 @@ def _require_rendering() -> None:
         ) from None
 
 
-def default_font() -> Path:
-    """DejaVu Sans as shipped inside matplotlib (no system font, no download)."""
+def dejavu_sans() -> Path:
+    """DejaVu Sans as shipped inside matplotlib (no system font, no download): the fallback font."""
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+# ------------------------------------------------------------------- fonts
+class UnifontMissingWarning(UserWarning):
+    """GNU Unifont is not installed; the glyphs are drawn with DejaVu Sans instead."""
+
+
+#: How to get Unifont where `find_unifont` looks.
+UNIFONT_INSTALL = (
+    "install GNU Unifont (Debian/Ubuntu: apt install fonts-unifont; elsewhere the OpenType file "
+    "from https://unifoundry.com/unifont/ into a font folder) or name a font file in substrate_settings.font"
+)
+# unifont.otf, unifont.ttf, unifont-15.1.05.otf: the BMP font. unifont_upper (planes 1+),
+# unifont_csur (private use), unifont_jp and unifont_sample are other fonts of the family.
+_UNIFONT_FILE = re.compile(r"unifont(-\d[\d.]*)?\.(otf|ttf)", re.IGNORECASE)
+# The family's bitmap formats: FreeType draws them at their one pixel size only, not scaled.
+_UNIFONT_BITMAP_FILE = re.compile(r"unifont(-\d[\d.]*)?\.(pcf|bdf|hex)(\.gz)?", re.IGNORECASE)
+
+
+def font_dirs() -> list[Path]:
+    """Where font packages and users put fonts: ``fonts/`` under ``$XDG_DATA_HOME`` and each of
+    ``$XDG_DATA_DIRS`` (Linux: ``/usr/share/fonts``, ``/usr/local/share/fonts``), ``~/.fonts``,
+    macOS's font folders and Windows's."""
+    home = Path.home()
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    data_dirs = (os.environ.get("XDG_DATA_DIRS") or "/usr/local/share:/usr/share").split(os.pathsep)
+    dirs = [data_home / "fonts", home / ".fonts", *(Path(d) / "fonts" for d in data_dirs if d),
+            Path("/Library/Fonts"), home / "Library" / "Fonts"]
+    if os.name == "nt":
+        windows = Path(os.environ.get("WINDIR", "C:\\Windows")) / "Fonts"
+        local = os.environ.get("LOCALAPPDATA")
+        dirs += [windows, *([Path(local) / "Microsoft" / "Windows" / "Fonts"] if local else [])]
+    return dirs
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_unifont(dirs: tuple[Path, ...]) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """``(scalable, bitmap)`` Unifont files under ``dirs``; scalable ones best first."""
+    scalable, bitmap = set(), set()
+    for root in dirs:
+        for folder, _, files in os.walk(root):  # a missing folder yields nothing
+            for name in files:
+                if _UNIFONT_FILE.fullmatch(name):
+                    scalable.add(Path(folder) / name)
+                elif _UNIFONT_BITMAP_FILE.fullmatch(name):
+                    bitmap.add(Path(folder) / name)
+    # OpenType first (Unifont's main release format), an unversioned name before versioned
+    # ones, then the path: the same files give the same choice.
+    best = sorted(scalable, key=lambda p: (p.suffix.lower() != ".otf", "-" in p.name, str(p)))
+    return tuple(best), tuple(sorted(bitmap))
+
+
+def find_unifont(dirs: list[Path] | None = None) -> Path | None:
+    """The GNU Unifont file (OpenType or TrueType) found under ``dirs`` (default: `font_dirs`), or None."""
+    found, _ = _scan_unifont(tuple(font_dirs() if dirs is None else dirs))
+    return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=16)
+def _bmp_coverage(path: str, size: int, mtime_ns: int) -> int:
+    from matplotlib.ft2font import FT2Font
+
+    return sum(1 for code, glyph in FT2Font(path).get_charmap().items() if code < BMP_SIZE and glyph)
+
+
+def bmp_coverage(font_path: Path | str) -> int:
+    """How many of the 65,536 BMP code points the font's cmap maps to a glyph (glyph 0, the
+    "missing glyph" box, does not count)."""
+    stat = os.stat(font_path)
+    return _bmp_coverage(os.fspath(font_path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclasses.dataclass(frozen=True)
+class FontChoice:
+    """The font the glyphs are drawn with, and why."""
+
+    path: Path
+    #: "GNU Unifont", "DejaVu Sans", or the file's name for any other font.
+    name: str
+    #: BMP code points with a glyph (`bmp_coverage`).
+    coverage: int
+    #: The one-line warning when Unifont was wanted (no ``font`` setting) but is not installed.
+    fallback: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.path.name}), glyphs for {self.coverage:,} of the {BMP_SIZE:,} BMP code points"
+
+
+def _font_choice(path: Path, fallback: str | None = None) -> FontChoice:
+    if path == dejavu_sans():
+        name = "DejaVu Sans"
+    elif _UNIFONT_FILE.fullmatch(path.name):
+        name = "GNU Unifont"
+    else:
+        name = path.name
+    return FontChoice(path, name, bmp_coverage(path), fallback)
+
+
+def choose_font(font: str | None = None, recorded_sha256: str | None = None,
+                dirs: list[Path] | None = None) -> FontChoice:
+    """The font the ``font`` setting names.
+
+    A file path is that file; ``"unifont"`` is GNU Unifont found under ``dirs``
+    (default: `font_dirs`), an error when there is none; ``"dejavu"`` is DejaVu
+    Sans. None: Unifont when it is installed, else DejaVu Sans, and the choice's
+    ``fallback`` holds the warning to give. With ``recorded_sha256`` (the hash a
+    model's first build wrote) and no ``font`` setting, the one of the two whose
+    bytes have that hash, so a model keeps the font it was built with.
+    """
+    if font == "dejavu":
+        return _font_choice(dejavu_sans())
+    if font == "unifont":
+        unifont = find_unifont(dirs)
+        if unifont is None:
+            searched = ", ".join(os.fspath(d) for d in (font_dirs() if dirs is None else dirs))
+            raise ArborConfigError("substrate_settings.font", font,
+                                   f"GNU Unifont is not installed (searched {searched}); {UNIFONT_INSTALL}")
+        return _font_choice(unifont)
+    if font is not None:
+        path = Path(font)
+        if not path.is_file():
+            raise ArborConfigError(
+                "substrate_settings.font", font,
+                'must be the path of a TrueType/OpenType font file (no such file), "unifont" or "dejavu"',
+            )
+        return _font_choice(path)
+    unifont, dejavu = find_unifont(dirs), dejavu_sans()
+    if recorded_sha256 is not None:
+        for candidate in (unifont, dejavu):
+            if candidate is not None and _sha256_file(candidate) == recorded_sha256:
+                return _font_choice(candidate)
+    if unifont is not None:
+        return _font_choice(unifont)
+    _, bitmaps = _scan_unifont(tuple(font_dirs() if dirs is None else dirs))
+    bitmap_note = (f"; found only {os.fspath(bitmaps[0])}, a bitmap format that cannot be scaled to the bitmap size"
+                   if bitmaps else "")
+    coverage = bmp_coverage(dejavu)
+    return _font_choice(dejavu, (
+        f"unicode-glyphs: GNU Unifont is not installed{bitmap_note}, so glyphs are drawn with DejaVu Sans, which has "
+        f"{coverage:,} of the {BMP_SIZE:,} BMP code points (Unifont: about 57,000; the rest get pseudo-random "
+        f"bitmaps); to match PGT, {UNIFONT_INSTALL}"
+    ))
 
 
 def cache_dir() -> Path:
@@ -382,15 +535,22 @@ def glyph_matrix(texts: list[str | None], font_path: Path, size: int, width: int
 
 # --------------------------------------------------------------- substrate
 class GlyphEmbedding(FrozenEmbedding):
-    def __init__(self, config: Any, settings: GlyphSettings, width: int, font_path: Path):
-        self.settings, self.font_path = settings, font_path
+    def __init__(self, config: Any, settings: GlyphSettings, width: int, font: FontChoice):
+        self.settings, self.font, self.font_path = settings, font, font.path
         #: Ids that got a pseudo-random bitmap: the font lacks a character / the text draws nothing.
         self.no_glyph: list[int] = []
         self.blank: list[int] = []
+        self._warned = False
         super().__init__(config, width)
 
     def compute(self) -> torch.Tensor:
         s = self.settings
+        # Said here, not in build(): a model on the meta device draws nothing. Once per model
+        # (the weight init fills the matrix again); Python's filters keep it to once per process.
+        if self.font.fallback is not None and not self._warned:
+            self._warned = True
+            warnings.warn(self.font.fallback, UnifontMissingWarning, stacklevel=2)
+        logger.info("unicode-glyphs: drawing with %s", self.font.describe())
         texts = token_texts(self.vocab_size, s.tokenizer)
         digests = {"font_sha256": _sha256_file(self.font_path), "texts_sha256": texts_digest(texts)}
         recorded = self.config.substrate_settings or {}
@@ -410,7 +570,8 @@ class GlyphEmbedding(FrozenEmbedding):
         return matrix * s.scale
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, font={self.font_path.name}, size={self.settings.size}"
+        return (f"{super().extra_repr()}, font={self.font_path.name} ({self.font.coverage:,} BMP code points), "
+                f"size={self.settings.size}")
 
 
 class UnicodeGlyphSubstrate(Substrate):
@@ -426,16 +587,18 @@ class UnicodeGlyphSubstrate(Substrate):
 
         return build_codepoint_tokenizer()
 
+    def describe(self, settings: BaseModel) -> str:
+        """The description, with the font these settings draw with here and its coverage."""
+        _require_rendering()
+        font = choose_font(settings.font, settings.font_sha256)
+        missing = "; GNU Unifont is not installed" if font.fallback else ""
+        return f"{self.description}; font: {font.describe()}{missing}"
+
     def build(self, config: Any, settings: BaseModel) -> GlyphEmbedding:
         check_untied(config, "unicode-glyphs")
         _require_rendering()
         width = lift_width(config, settings, "unicode-glyphs")
-        font = Path(settings.font) if settings.font is not None else default_font()
-        if not font.is_file():
-            raise ArborConfigError(
-                "substrate_settings.font", settings.font or os.fspath(font),
-                "must be the path of a TrueType/OpenType font file (no such file)",
-            )
+        font = choose_font(settings.font, settings.font_sha256)  # the recorded hash keeps a model's font
         if settings.tokenizer is None and config.vocab_size > BMP_SIZE:
             logger.info("unicode-glyphs: ids from %d up have no code point and get pseudo-random bitmaps", BMP_SIZE)
         return GlyphEmbedding(config, settings, width, font)

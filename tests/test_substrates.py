@@ -9,9 +9,11 @@ and gives tokens without a glyph distinct pseudo-random patterns.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -58,15 +60,48 @@ IDS = torch.tensor([[0, 5, 65, 97, 233, 511, 32, 10], [300, 1, 2, 3, 4, 66, 67, 
 
 @pytest.fixture
 def glyphs(tmp_path, monkeypatch):
-    """The glyph module with an empty cache directory of its own and nothing held in memory."""
+    """The glyph module with an empty cache directory of its own and nothing held in memory.
+
+    No font folder is searched, so the font is DejaVu Sans whether or not Unifont is installed
+    here, and its fallback warning (tested on its own) is silenced.
+    """
     pytest.importorskip("matplotlib")
     pytest.importorskip("PIL")
     from arbor_substrates import glyphs as module
 
     monkeypatch.setenv("ARBOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(module, "font_dirs", lambda: [])
     module.clear_memory_cache()
-    yield module
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", module.UnifontMissingWarning)
+        yield module
     module.clear_memory_cache()
+
+
+def make_font(path, chars: str) -> None:
+    """A TrueType font whose cmap has exactly ``chars``, each a filled box of its own width."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    names = [".notdef"] + [f"u{ord(c):04X}" for c in chars]
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(names)
+    builder.setupCharacterMap({ord(c): f"u{ord(c):04X}" for c in chars})
+    outlines = {}
+    for i, name in enumerate(names):
+        pen = TTGlyphPen(None)
+        if i:
+            right = 200 + 60 * (i % 7)
+            pen.moveTo((100, 0)), pen.lineTo((100, 700)), pen.lineTo((right, 700)), pen.lineTo((right, 0))
+            pen.closePath()
+        outlines[name] = pen.glyph()
+    builder.setupGlyf(outlines)
+    builder.setupHorizontalMetrics({name: (600, 0) for name in names})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Boxes", "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    builder.save(str(path))
 
 
 # ------------------------------------------------------------------ binary
@@ -244,7 +279,7 @@ def test_glyph_substrate_saves_loads_and_grows_exactly(glyphs, tmp_path):
 
 
 def test_missing_and_blank_glyphs_get_distinct_deterministic_patterns(glyphs):
-    font = glyphs.default_font()
+    font = glyphs.dejavu_sans()
     texts = ["A", " ", None, "\u0fff", "A\u0fff", "\t"]  # U+0FFF: unassigned, so in no font
     bitmaps, no_glyph, blank = glyphs.render_bitmaps(texts, font, 16)
     assert no_glyph == [3, 4] and blank == [1, 2, 5]
@@ -264,14 +299,101 @@ def test_glyph_settings_are_checked_and_the_font_is_pinned(glyphs, tmp_path):
     with pytest.raises(ArborConfigError, match="substrate_settings.font="):
         glyph_model(font=str(tmp_path / "nope.ttf"))
     copy = tmp_path / "font.ttf"
-    shutil.copy(glyphs.default_font(), copy)
+    shutil.copy(glyphs.dejavu_sans(), copy)
     same = glyph_model(font=str(copy)).model.embed_tokens.weight
     assert torch.equal(same, glyph_model().model.embed_tokens.weight)  # same bytes, same glyphs
     with pytest.raises(ArborConfigError, match="substrate_settings.font_sha256=.*would differ"):
         glyph_model(font_sha256="0" * 64)
-    mono = glyphs.default_font().with_name("DejaVuSansMono.ttf")
+    mono = glyphs.dejavu_sans().with_name("DejaVuSansMono.ttf")
     other = glyph_model(font=str(mono)).model.embed_tokens.weight
     assert not torch.equal(other, same)
+
+
+def test_font_choice_order_unifont_first_then_dejavu(glyphs, tmp_path):
+    pytest.importorskip("fontTools")
+    boxes = tmp_path / "boxes.ttf"
+    make_font(boxes, "AB")
+    system, user = tmp_path / "share" / "fonts", tmp_path / "home" / "fonts"
+    for folder, names in ((system / "truetype" / "unifont", ["unifont.ttf", "unifont_upper.ttf", "unifont_csur.ttf"]),
+                          (user, ["unifont-15.1.05.otf", "unifont_jp.otf", "unifont.pcf.gz"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            shutil.copy(boxes, folder / name)
+    # Only the BMP font counts (not _upper, _csur, _jp); OpenType before TrueType.
+    assert glyphs.find_unifont([system, user]) == user / "unifont-15.1.05.otf"
+    (system / "truetype" / "unifont" / "unifont.otf").write_bytes(boxes.read_bytes())
+    glyphs._scan_unifont.cache_clear()
+    assert glyphs.find_unifont([system, user]) == system / "truetype" / "unifont" / "unifont.otf"  # unversioned first
+    assert glyphs.find_unifont([tmp_path / "nowhere"]) is None
+
+    found = glyphs.choose_font(None, dirs=[system])
+    assert (found.name, found.path.name, found.coverage, found.fallback) == ("GNU Unifont", "unifont.otf", 2, None)
+    assert glyphs.choose_font("unifont", dirs=[system]).path == found.path
+    assert glyphs.choose_font("dejavu", dirs=[system]).name == "DejaVu Sans"
+    assert glyphs.choose_font(str(boxes), dirs=[system]).name == "boxes.ttf"  # a named file wins
+    # A model built with DejaVu keeps it once Unifont is installed: the recorded hash decides.
+    dejavu_hash = hashlib.sha256(glyphs.dejavu_sans().read_bytes()).hexdigest()
+    kept = glyphs.choose_font(None, recorded_sha256=dejavu_hash, dirs=[system])
+    assert kept.name == "DejaVu Sans" and kept.fallback is None
+
+    fallback = glyphs.choose_font(None, dirs=[user / "none"])
+    assert fallback.name == "DejaVu Sans" and fallback.path == glyphs.dejavu_sans()
+    coverage = f"{glyphs.bmp_coverage(glyphs.dejavu_sans()):,} of the 65,536 BMP code points"
+    assert "GNU Unifont is not installed" in fallback.fallback and coverage in fallback.fallback
+    assert "apt install fonts-unifont" in fallback.fallback and "\n" not in fallback.fallback
+    bitmap = tmp_path / "X11" / "misc"
+    bitmap.mkdir(parents=True)
+    (bitmap / "unifont.pcf.gz").write_bytes(b"")  # found, named, but not used
+    assert "unifont.pcf.gz, a bitmap format" in glyphs.choose_font(None, dirs=[bitmap]).fallback
+    with pytest.raises(ArborConfigError, match="font='unifont' is invalid: GNU Unifont is not installed.*fonts-unifont"):
+        glyphs.choose_font("unifont", dirs=[user / "none"])
+    with pytest.raises(ArborConfigError, match='font=.* is invalid: must be the path .*"unifont" or "dejavu"'):
+        glyphs.choose_font(str(tmp_path / "missing.ttf"))
+
+
+def test_missing_unifont_warns_once_with_the_font_used_and_how_to_install(glyphs):
+    with pytest.warns(glyphs.UnifontMissingWarning) as caught:
+        embed = glyph_model().model.embed_tokens
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("unicode-glyphs: GNU Unifont is not installed") and "DejaVu Sans" in message
+    assert f"{glyphs.bmp_coverage(glyphs.dejavu_sans()):,} of the 65,536 BMP code points" in message
+    assert "fonts-unifont" in message and "unifoundry.com/unifont" in message
+    assert embed.font.name == "DejaVu Sans" and "BMP code points" in repr(embed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", glyphs.UnifontMissingWarning)
+        glyph_model(font="dejavu")  # chosen, not fallen back to: no warning
+        with torch.device("meta"):  # nothing drawn, nothing to warn about
+            glyph_model()
+
+
+def test_unifont_is_used_when_installed(glyphs, tmp_path, monkeypatch):
+    pytest.importorskip("fontTools")
+    folder = tmp_path / "fonts" / "opentype" / "unifont"
+    folder.mkdir(parents=True)
+    make_font(folder / "unifont.otf", "ABCxyz")  # a stand-in with six glyphs
+    monkeypatch.setattr(glyphs, "font_dirs", lambda: [tmp_path / "fonts"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", glyphs.UnifontMissingWarning)
+        embed = glyph_model().model.embed_tokens
+    assert embed.font.path == folder / "unifont.otf" and embed.font.coverage == 6
+    drawn = set(range(512)) - set(embed.no_glyph) - set(embed.blank)
+    assert drawn == {ord(c) for c in "ABCxyz"}
+    described = glyphs.UnicodeGlyphSubstrate().describe(glyphs.GlyphSettings())
+    assert described.endswith("font: GNU Unifont (unifont.otf), glyphs for 6 of the 65,536 BMP code points")
+
+
+def test_bmp_coverage_counts_the_cmap(glyphs, tmp_path):
+    pytest.importorskip("fontTools")
+    from fontTools.ttLib import TTFont
+
+    font = tmp_path / "five.ttf"
+    make_font(font, "AB\u00e9\u4e2d\U0001F600")  # the emoji is outside the BMP: not counted
+    assert glyphs.bmp_coverage(font) == 4
+    dejavu = glyphs.dejavu_sans()
+    # DejaVu Sans as matplotlib ships it (5,367 code points in 2.37), read by a second library.
+    expected = sum(1 for code in TTFont(dejavu).getBestCmap() if code < 65_536)
+    assert glyphs.bmp_coverage(dejavu) == expected and 5_000 < expected < 6_000
 
 
 def test_glyph_texts_come_from_a_tokenizer_file(glyphs, tmp_path):
