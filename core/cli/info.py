@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from arbor.cli.common import TOKENIZER_FILES, checkpoint_config, command, table
 from arbor.growth.export import to_llama
 from arbor.growth.growable import ArborForCausalLM
+from arbor.model.cards import CardFigure, card_figures
 from arbor.model.config import PRESETS, ArborConfig
 from arbor.model.modeling import count_parameters
 from arbor.plugins import get_registry, plugin_infos
@@ -59,11 +60,24 @@ def plugins_command(args: argparse.Namespace) -> int:
             settings = ", ".join(f"{k}={v!r}" for k, v in choice["settings"].items())
             line = f"  {kind} = {choice['name']}" + (f" ({settings})" if settings else "")
             component = registry.get(kind, choice["name"])
+            described = describe(component, choice["settings"])
+            line += f": {described}" if described else ""
             if kind == "attention_backend":
                 ok, reason = component.is_available()
                 line += "" if ok else f"  [not available here: {reason}]"
             print(line)
     return 0
+
+
+def describe(component, settings: dict | None) -> str:
+    """The component's one line for these settings (``describe``, else ``description``); a
+    component whose ``describe`` fails says so instead of stopping the listing."""
+    if not callable(getattr(component, "describe", None)):  # one that does not subclass arbor_plugins.Component
+        return getattr(component, "description", "")
+    try:
+        return component.describe(component.validate_settings(settings))
+    except Exception as exc:  # plugin code: one line, not a traceback
+        return f"{getattr(component, 'description', '')} [describe() failed: {type(exc).__name__}: {exc}]".lstrip()
 
 
 # ------------------------------------------------------------------ presets
@@ -84,7 +98,49 @@ def _human(n: int) -> str:
     return str(n)
 
 
-@command("presets", "List the model presets with their sizes and exact parameter counts.", _presets_arguments)
+def _card_record(figure: CardFigure) -> dict:
+    """arbor's count for the model a card figure describes, beside the card's, and the difference."""
+    config = ArborConfig.from_preset(figure.preset, **figure.overrides)
+    parameters = count_parameters(config)
+    frozen = {"none": 0, "matrix": config.vocab_size * config.hidden_size,
+              "bits": config.vocab_size * max(1, (config.vocab_size - 1).bit_length())}[figure.frozen_counted]
+    compared = parameters + frozen
+    difference = compared - figure.parameters
+    return {
+        "card": figure.card,
+        "stated": figure.stated,
+        "kind": figure.kind,
+        "overrides": figure.overrides,
+        "parameters": parameters,
+        "frozen_counted": frozen,
+        "compared": compared,
+        "card_parameters": figure.parameters,
+        "difference": difference,
+        "relative": difference / figure.parameters,
+        "within_rounding": figure.kind == "count" and abs(difference) <= figure.resolution,
+        "why": figure.why,
+    }
+
+
+def _card_lines(name: str, card: dict) -> list[str]:
+    settings = "".join(f", {k}={v}" for k, v in card["overrides"].items())
+    arbor = f"{card['parameters']:,} parameters"
+    if card["frozen_counted"]:
+        arbor += f" + {card['frozen_counted']:,} in the frozen table the card counts = {card['compared']:,}"
+    arbor += f" ({_human(card['compared'])})"
+    off = f"{card['difference']:+,} ({card['relative']:+.2%})"
+    if card["kind"] == "name":
+        verdict = f"{off}; {card['stated']} is the model's name, not a count"
+    elif card["within_rounding"]:
+        verdict = f"{off}, within the card's rounding: matches"
+    else:
+        verdict = f"{off}, beyond the card's rounding"
+    return [f"{name}{settings} ~ {card['card']}: {card['stated']}", f"  arbor: {arbor}; {verdict}",
+            f"  why: {card['why']}"]
+
+
+@command("presets", "List the model presets with their sizes and exact parameter counts, against the source "
+                    "models' cards.", _presets_arguments)
 def presets_command(args: argparse.Namespace) -> int:
     unknown = [n for n in args.names if n not in PRESETS]
     if unknown:
@@ -101,17 +157,29 @@ def presets_command(args: argparse.Namespace) -> int:
             "ffn": _per_layer(config.layer_intermediate_sizes),
             "vocab": config.vocab_size,
             "positions": config.max_position_embeddings,
+            "substrate": config.substrate,
             "parameters": count_parameters(config),
+            "cards": [_card_record(figure) for figure in card_figures(name)],
         })
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    header = ["preset", "layers", "hidden", "heads", "kv heads", "ffn", "vocab", "positions", "parameters"]
-    rows = [
-        [*(str(v) for k, v in r.items() if k != "parameters"), f"{r['parameters']:,} ({_human(r['parameters'])})"]
-        for r in records
-    ]
+    header = ["preset", "layers", "hidden", "heads", "kv heads", "ffn", "vocab", "positions", "substrate",
+              "parameters"]
+    keys = ["name", "layers", "hidden_size", "heads", "kv_heads", "ffn", "vocab", "positions", "substrate"]
+    rows = [[*(str(r[k]) for k in keys), f"{r['parameters']:,} ({_human(r['parameters'])})"] for r in records]
     print(table(rows, header))
+    registry = get_registry()
+    for substrate in dict.fromkeys(r["substrate"] for r in records):
+        component = registry.get("substrate", substrate)
+        if getattr(component, "frozen", False):  # what a frozen substrate is built from on this machine
+            print(f"\nsubstrate {substrate}: {describe(component, None)}")
+    cards = [(r["name"], card) for r in records for card in r["cards"]]
+    if cards:
+        print("\nAgainst the source cards (a card counts its frozen embedding table as parameters; arbor keeps "
+              "it as a buffer, so that table is added before comparing):")
+        for name, card in cards:
+            print("\n".join(_card_lines(name, card)))
     return 0
 
 

@@ -122,7 +122,8 @@ def _suggestable() -> list[str]:
 
 
 # The sizes below are the architecture; the parameter counts `arbor presets`
-# prints are computed from the built model, not written down here. Each preset
+# prints are computed from the built model, not written down here, and compared
+# with the figures of the source cards in `arbor.model.cards`. Each preset
 # spells out every field whose default it does not mean to follow: the defaults
 # are LlamaConfig's, and a preset must not change when they do. RMSNorm epsilon
 # is 1e-5 as in the Llama-2/3 checkpoints (LlamaConfig's default is 1e-6); the
@@ -147,11 +148,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_layers=24,
         max_layers=64,
     ),
-    # Progressive Growth Transformers study model: 9 layers reached in stages.
+    # Progressive Growth Transformers study model (the "1_9" cards): 9 layers reached in
+    # stages, d_model 1024, 32 heads, vocab 65,536, context 1024. The cards' blocks are
+    # GPT-style (a 4x-wide GELU MLP, 12*d^2 + 13*d parameters a block); arbor's SwiGLU MLP
+    # has three matrices, and 2,736 (about 2/3 of 4*d, a multiple of 16) is the width that
+    # gives a block the same count: 247.6M in all, as the cards say.
     "pgt-9": dict(
         vocab_size=65_536,
         hidden_size=1024,
-        intermediate_size=4096,
+        intermediate_size=2736,
         num_hidden_layers=9,
         num_attention_heads=32,
         num_key_value_heads=32,
@@ -164,7 +169,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_layers=1,
         max_layers=9,
     ),
-    # Wide model grown one layer at a time from a single block.
+    # The abs-bvv series (PGT on frozen visual-Unicode glyphs): d_model 4096, 32 heads,
+    # vocab 131,072, grown one layer at a time from a single block up to abs-bvv-6. The
+    # substrate is frozen, so the LM head cannot be tied to it. FFN 11,008 is Llama's SwiGLU
+    # width for hidden 4096 (about 2/3 of 4*d), within 0.5 % of the cards' GPT-style blocks.
     "abs-bvv": dict(
         vocab_size=131_072,
         hidden_size=4096,
@@ -178,8 +186,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=None,
         eos_token_id=None,
         tie_word_embeddings=False,
+        substrate="unicode-glyphs",
         min_layers=1,
-        max_layers=32,
+        max_layers=6,
+    ),
+    # abs-bvv-4 as its card describes it: 4 layers of the series above (1.9B with the
+    # frozen glyph matrix counted).
+    "abs-bvv-4": dict(
+        vocab_size=131_072,
+        hidden_size=4096,
+        intermediate_size=11_008,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        rms_norm_eps=1e-5,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        substrate="unicode-glyphs",
+        min_layers=1,
+        max_layers=6,
     ),
     # What `arbor train` grows into by default, and the final model of benches/efficiency.py:
     # trains at about 8,000 tokens/s on two CPU cores.
