@@ -195,11 +195,13 @@ def test_fingerprints_tell_models_apart():
     assert issubclass(RanksDiverged, RuntimeError)
 
 
-def test_fsdp_is_refused_at_the_start(tmp_path, capsys):
+def test_fsdp_refuses_a_width_step_at_the_start(runs, tmp_path, capsys):
     from arbor.cli import main
 
-    assert main(["train", "--parallel", "fsdp", "--out", str(tmp_path / "run")]) == 2
-    assert "--parallel 'fsdp' is not supported yet" in capsys.readouterr().err
+    work, _, _ = runs
+    (tmp_path / "run.toml").write_text((work / "run.toml").read_text().replace("data.txt", str(work / "data.txt")))
+    assert main(["train", str(tmp_path / "run.toml"), "--parallel", "fsdp", "--out", str(tmp_path / "run")]) == 2
+    assert "a step on axis='ffn' cannot run on a model sharded by FSDP2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -37,6 +37,7 @@ from arbor.training.data import PackedDataset, load_split
 from arbor.training.distributed import Ranks
 from arbor.training.plot import plot_run
 from arbor.training.preflight import check_run
+from arbor.training.sharding import check_growth_settings
 from arbor.training.tokenizer import load_tokenizer, train_bpe
 from arbor.training.trainer import TrainConfig, Trainer, TrainingStopped, truncate_metrics
 from arbor_plugins import DEFAULTS
@@ -243,8 +244,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="train in N processes on this machine: starts torchrun's agent, which runs this command "
                         "in each (the same as `torchrun --nproc-per-node N -m arbor train ...`)")
     p.add_argument("--parallel", default="ddp", metavar="MODE",
-                   help="how several processes share the work: ddp, data parallel (default; fsdp is not supported "
-                        "yet)")
+                   help="how several processes share the work: ddp, each holds the whole model (default); fsdp, "
+                        "the model and optimizer state are sharded over them (FSDP2; depth growth only)")
     p.add_argument("--check", action="store_true",
                    help="only check the settings (all problems at once) and print the resolved run")
 
@@ -278,9 +279,7 @@ def _launch(args: argparse.Namespace) -> int:
 @command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
 def train_command(args: argparse.Namespace) -> int:
     if args.parallel not in distributed.PARALLEL:
-        why = distributed.UNSUPPORTED.get(args.parallel, "")
-        raise ValueError(f"--parallel {args.parallel!r} is not supported{why}; "
-                         f"allowed: {', '.join(distributed.PARALLEL)}")
+        raise ValueError(f"--parallel {args.parallel!r} is unknown; allowed: {', '.join(distributed.PARALLEL)}")
     if args.nproc is not None and not args.check:
         return _launch(args)
     ranks = Ranks.from_env()
@@ -309,6 +308,8 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         config = build_config(args)
     resolved = check_run(config, selection)  # every problem now, before data, tokenizer or model
+    if args.parallel == "fsdp":
+        check_growth_settings(config.growth.model_dump())
     if args.check:
         print(json.dumps({"settings": config.model_dump(mode="json"), "resolved": resolved}, indent=1))
         print("ok: the run's settings are valid")
@@ -321,7 +322,7 @@ def train_command(args: argparse.Namespace) -> int:
         truncate_metrics(out, -1)
     torch.manual_seed(config.seed)
     tokenizer, train_blocks, val_blocks = prepare(config, echo=say)
-    quiet = dict(progress=not args.no_progress, plugins=selection, ranks=ranks)
+    quiet = dict(progress=not args.no_progress, plugins=selection, ranks=ranks, parallel=args.parallel)
     if resume_from is not None:
         say(f"resuming from {resume_from}")
         trainer = Trainer.resume(resume_from, train_blocks, val_blocks, out, tokenizer=tokenizer, config=config,
@@ -340,11 +341,13 @@ def train_command(args: argparse.Namespace) -> int:
     say(f"done: step {summary['step']}, {summary['tokens']:,} tokens, loss {summary['loss']:.3f}, validation "
         f"loss {summary['val_loss']:.3f}, {summary['growth_events']} growth events, {summary['params']:,} "
         f"parameters, {summary['layers']} layers")
+    # A sharded model generates only with every rank taking part in each forward.
+    sample = trainer.sample() if config.sample_tokens and (ranks.main or trainer.sharded) else None
     if ranks.main:
         print(f"checkpoint: {summary['checkpoint']}")
         print(f"metrics: {out / 'metrics.jsonl'}; plot: {plot_run(out)}")
-        if config.sample_tokens:
-            print(f"sample: {trainer.sample()!r}")
+        if sample is not None:
+            print(f"sample: {sample!r}")
     sys.stdout.flush()
     distributed.finish(ranks)
     return 0

@@ -16,7 +16,8 @@ A step runs, in this order:
 4. run the growth operator of `arbor.growth.operators`, which applies the init scheme
    and fires the ``arbor_grow_*`` hook;
 5. carry the optimizer (and scheduler) over, exactly once (`arbor.growth.optim.carry_over`);
-6. give inserted layers the gradient checkpointing the others have;
+6. give inserted layers the gradient checkpointing the others have, and call the caller's
+   ``prepare`` (a sharded run shards the new layers there: `arbor.training.sharding`);
 7. apply the freeze policy;
 8. measure the probe loss again and check an exact step kept it;
 9. tell the trigger (``grew``);
@@ -185,10 +186,13 @@ class GrowthStep:
     # -------------------------------------------------------------- growing
     def __call__(self, model, spec: dict | GrowthSpec | Operation | None = None, *, optimizer=None, scheduler=None,
                  probe: Callable[[], float | None] | None = None, reason: str | None = None, step: int | None = None,
-                 tokens: int | None = None, trigger=None, trigger_name: str | None = None) -> GrowthResult:
+                 tokens: int | None = None, trigger=None, trigger_name: str | None = None,
+                 prepare: Callable[[Any, GrowthEvent], None] | None = None) -> GrowthResult:
         """Take one step of ``spec`` (or an `Operation`) on ``model``; see the module doc for the order.
 
         ``trigger`` is told ``grew``; ``trigger_name``, when given, goes into the record as ``"trigger"``.
+        ``prepare(model, event)`` runs once the model has grown and the optimizer holds the new
+        parameters, before the freeze policy and the second probe.
         """
         if isinstance(spec, Operation):
             resolved, op = None, spec
@@ -206,6 +210,8 @@ class GrowthStep:
             reason = f"grow({resolved.model_dump(exclude_defaults=True)})"
         event.reason = reason or ""
         _checkpoint_new_layers(model)
+        if prepare is not None:
+            prepare(model, event)
         frozen = []
         if self.freeze_policy is not None:
             frozen = self.freeze_policy.apply(model, event, self.freeze_settings, optimizer=optimizer)

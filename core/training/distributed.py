@@ -43,12 +43,9 @@ from arbor_plugins import Decision
 __all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", "check_growth", "check_in_sync", "current_ranks", "decide",
            "digest", "find_wrapper", "finish", "fingerprint", "init", "mean", "rewrap", "shard"]
 
-#: What ``--parallel`` may name.
-PARALLEL = ("ddp",)
-#: Modes that are known but refused, with the reason (the message of ``--parallel``).
-UNSUPPORTED = {"fsdp": " yet: arbor train does not shard the model (arbor.training.sharding grows an FSDP2-sharded "
-                       "model in depth, from your own loop); train data parallel (ddp), where each rank holds "
-                       "the whole model"}
+#: What ``--parallel`` may name: ``ddp``, every rank holds the whole model; ``fsdp``, the model is
+#: sharded over the ranks by FSDP2 (`arbor.training.sharding`; depth growth only).
+PARALLEL = ("ddp", "fsdp")
 
 
 class RanksDiverged(RuntimeError):
@@ -146,7 +143,8 @@ def decide(decision: Decision, ranks: Ranks) -> Decision:
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu", copy=False).contiguous().view(torch.uint8).numpy().tobytes()
+    # A copy: numpy() would pin the tensor's own storage, which FSDP2 frees by resizing it.
+    return tensor.detach().to("cpu", copy=False).contiguous().view(torch.uint8).clone().numpy().tobytes()
 
 
 def digest(tensor: torch.Tensor) -> str:

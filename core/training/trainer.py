@@ -22,6 +22,7 @@ its config; growth itself is `arbor.growth.step.GrowthStep`, data order
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from arbor import compat
@@ -42,7 +44,7 @@ from arbor.model.checkpoint import verify_checksums
 from arbor.model.modeling import CompiledForward
 from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.plugins.selection import Selection
-from arbor.training import distributed
+from arbor.training import distributed, sharding
 from arbor.training.checkpointing import (
     CheckpointError,
     latest_checkpoint,
@@ -196,13 +198,21 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
                  out_dir: str | Path, tokenizer=None, plugins=None, progress: bool = True, echo=print,
-                 compile_options: Mapping[str, Any] | None = None, ranks: Ranks | None = None):
+                 compile_options: Mapping[str, Any] | None = None, ranks: Ranks | None = None,
+                 parallel: str = "ddp"):
         if compile_options is not None:
             self.compile_options = MappingProxyType(dict(compile_options))
         #: This process's place in a distributed run (`arbor.training.distributed`); one process by default.
         self.ranks = ranks or Ranks()
+        if parallel not in distributed.PARALLEL:
+            raise ValueError(f"parallel={parallel!r} is invalid: allowed: {', '.join(distributed.PARALLEL)}")
+        #: Whether the model is sharded by FSDP2 (``parallel="fsdp"`` in a distributed run,
+        #: `arbor.training.sharding`) rather than held whole by every rank under DDP.
+        self.sharded = self.ranks.distributed and parallel == "fsdp"
         if self.ranks.distributed and config.compile:
             raise ValueError("compile=true is not supported in a distributed run yet; train without it")
+        if self.sharded:
+            sharding.check_growth_settings(config.growth.model_dump())
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         self.out = Path(out_dir)
@@ -220,12 +230,14 @@ class Trainer:
             compat.enable_gradient_checkpointing(model)
         if config.growth.step is not None:
             model.config.growth = dict(config.growth.step)
-        self.optimizer = make_optimizer(config)(_param_groups(model, config))
-        self._setup_growth()
         if self.ranks.distributed:  # every rank must start from the same model and the same data
             data = {"train": distributed.digest(train_blocks), "validation": distributed.digest(val_blocks),
                     "step": self.step}
             distributed.check_in_sync(model, self.ranks, "at the start of the run", data)
+        if self.sharded:  # from here on each rank holds 1/N of every parameter, and of its optimizer state
+            sharding.shard_model(model)
+        self.optimizer = make_optimizer(config)(_param_groups(model, config))
+        self._setup_growth()
 
     # ----------------------------------------------------------- components
     def _component(self, kind: str, name: str | None, settings: dict[str, Any]):
@@ -261,7 +273,7 @@ class Trainer:
     def _training_forward(self):
         """The model, or with ``config.compile`` its compiled forward, or in a distributed run its
         ``DistributedDataParallel`` wrapper (evaluation stays on the plain model)."""
-        if self.ranks.distributed and self.model.training:
+        if self.ranks.distributed and self.model.training and not self.sharded:
             if self._ddp is None:
                 # DDP broadcasts rank 0's weights when it is built: the ranks were checked equal first.
                 ids = [self.device.index] if self.device.type == "cuda" else None
@@ -288,6 +300,8 @@ class Trainer:
                           self.ranks)
             last = micro == c.grad_accum - 1
             # Gradients are averaged over the ranks once per step, on its last micro-batch.
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
             with self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext():
                 loss = self._loss(batch) / c.grad_accum
                 loss.backward()
@@ -297,7 +311,8 @@ class Trainer:
         self.flops.step(self.model, c.batch_size * c.grad_accum * seq, seq)  # also a step skipped below
         # The norm is wanted even without clipping: a non-finite one must not reach the weights.
         grads = [p for p in self.model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(grads, c.grad_clip if c.grad_clip > 0 else math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(grads, c.grad_clip if c.grad_clip > 0 else math.inf)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # sharded: summed over the ranks
         if not (math.isfinite(total) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
@@ -330,18 +345,30 @@ class Trainer:
             blocks = blocks[torch.linspace(0, blocks.shape[0] - 1, want).round().long()]
         total = sum(self._loss(blocks[i:i + c.batch_size]).item() * len(blocks[i:i + c.batch_size])
                     for i in range(0, blocks.shape[0], c.batch_size))
+        self._reshard()
         return total / blocks.shape[0]
 
     @torch.no_grad()
     def _probe_loss(self) -> float:
         self.model.eval()
-        return self._loss(self.val_blocks[: min(2, len(self.val_blocks))]).item()
+        loss = self._loss(self.val_blocks[: min(2, len(self.val_blocks))]).item()
+        self._reshard()
+        return loss
+
+    def _reshard(self) -> None:
+        """Free what a forward without backward left gathered: FSDP2 reshards the root's parameters
+        (embeddings, final norm, LM head) only after a backward."""
+        if self.sharded:
+            self.model.reshard()
 
     def grow(self, decision) -> dict[str, Any]:
         """Take one growth step now; returns the record written to ``metrics.jsonl``."""
-        result = self.growth_step(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
-                                  reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger,
-                                  trigger_name=self.trigger_name)
+        # A sharded model grows through `sharding.grow_sharded`: the same transaction, then the new
+        # layers are sharded like the others.
+        grow = functools.partial(sharding.grow_sharded, self.growth_step) if self.sharded else self.growth_step
+        result = grow(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
+                      reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger,
+                      trigger_name=self.trigger_name)
         if self._compiled is not None:
             # Its graphs were traced for the old shapes: free them (dynamo's caches are per process)
             # rather than pile up recompilations; the next training step compiles the grown model.
@@ -381,12 +408,21 @@ class Trainer:
                 "plugins": self.selection.as_dict()}
 
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0 only: every rank holds the same model and optimizer state)."""
+        """Write a checkpoint (rank 0 only: every rank holds the same model and optimizer state).
+
+        A sharded model is first gathered, one tensor at a time, into rank 0's CPU memory, so the
+        checkpoint is the one a single process writes: it resumes in any number of processes.
+        """
+        whole = {}
+        if self.sharded:  # every rank takes part in the gathers
+            whole = {"model_state": sharding.full_model_state(self.model),
+                     "optimizer_state": sharding.full_optimizer_state(self.optimizer, keep=self.ranks.main)}
         components = component_state(self.model)
         path = None
         if self.ranks.main:
             path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
-                                   tokenizer=self.tokenizer, keep=self.config.keep_checkpoints, components=components)
+                                   tokenizer=self.tokenizer, keep=self.config.keep_checkpoints, components=components,
+                                   **whole)
         distributed.barrier(self.ranks)  # no rank runs ahead of a checkpoint that may yet fail
         return path
 
@@ -454,13 +490,14 @@ class Trainer:
             out = self.model.generate(ids, max_new_tokens=max_new_tokens or self.config.sample_tokens,
                                       do_sample=False, no_repeat_ngram_size=3,
                                       pad_token_id=self.tokenizer.pad_token_id)
+        self._reshard()
         return self.tokenizer.decode(out[0], skip_special_tokens=True)
 
     # --------------------------------------------------------------- resume
     @classmethod
     def resume(cls, checkpoint: str | Path, train_blocks, val_blocks, out_dir: str | Path, tokenizer=None,
                plugins=None, progress: bool = True, echo=print, config: TrainConfig | None = None,
-               ranks: Ranks | None = None) -> Trainer:
+               ranks: Ranks | None = None, parallel: str = "ddp") -> Trainer:
         """Continue the run saved in ``checkpoint`` (the grown architecture comes from its config)."""
 
         verify_checksums(checkpoint)  # once here; the load below need not hash the files again
@@ -477,8 +514,11 @@ class Trainer:
         frozen = set(state.get("frozen", []))
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
-        trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo, ranks=ranks)
+        trainer = cls(model, config, train_blocks, val_blocks, out_dir, tokenizer, plugins, progress, echo, ranks=ranks,
+                      parallel=parallel)
         trainer.optimizer = restore_optimizer(make_optimizer(config), model, state, tensors)
+        if trainer.sharded:  # the checkpoint holds whole moments: each rank keeps its shard
+            sharding.shard_optimizer_state(trainer.optimizer)
         trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
         trainer.flops.total = int(state.get("flops", 0))
         trainer.history = list(state.get("growth_history", []))

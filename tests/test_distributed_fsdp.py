@@ -1,0 +1,83 @@
+"""``arbor train --parallel fsdp``: the model sharded by FSDP2 over 2 processes on the CPU (gloo).
+
+The run grows in depth twice (one layer with the exact zero init, then one with the masked init,
+whose ramp runs across the following steps). Its losses must be those of one process at the same
+global batch (up to fp32 reduction order), every rank must end with the same parameters, the
+checkpoint (gathered whole on rank 0) must be an ordinary Hugging Face directory, and it must
+resume in one process and in two sharded ones with the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_distributed import CONFIG, arbor_train, losses, weights
+
+DEPTH_ONLY = CONFIG.replace('{axis = "ffn", factor = 1.5, init = "masked"',
+                            '{axis = "depth", num_layers = 1, init = "masked"')
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run in one process and sharded over two."""
+    assert DEPTH_ONLY != CONFIG
+    work = tmp_path_factory.mktemp("fsdp")
+    text = "\n\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(4000))
+    (work / "data.txt").write_text(text)
+    (work / "run.toml").write_text(f'data = "data.txt"\nsample_tokens = 4\n{DEPTH_ONLY.replace("sample_tokens = 0", "")}')
+    one = arbor_train(work, "run.toml", "--out", "one")
+    assert one.returncode == 0, one.stderr
+    two = arbor_train(work, "run.toml", "--out", "two", "--nproc", "2", "--parallel", "fsdp")
+    assert two.returncode == 0, two.stdout + two.stderr
+    return work, one, two
+
+
+def test_a_sharded_run_trains_and_grows_as_one_process(runs):
+    work, one, two = runs
+    assert "in 2 processes (fsdp)" in two.stdout
+    assert two.stdout.count("grew depth") == 2  # printed by rank 0 only
+    assert losses(work / "two") == pytest.approx(losses(work / "one"), rel=1e-5)
+    records = [json.loads(line) for line in (work / "two" / "metrics.jsonl").read_text().splitlines()]
+    grown = [(r["step"], r["axis"], r["init"], r["exact"]) for r in records if r.get("event") == "growth"]
+    assert grown == [(2, "depth", "zero", True), (4, "depth", "masked", True)]
+    (ranks,) = [r for r in records if r.get("event") == "ranks"]
+    assert ranks["world_size"] == 2 and ranks["fingerprints"][0] == ranks["fingerprints"][1]
+    # The sample needs every rank in each forward of generate; rank 0 prints what they made.
+    assert two.stdout.count("sample: ") == 1 and one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
+
+
+def test_a_sharded_checkpoint_is_the_one_process_checkpoint(runs):
+    from transformers import AutoModelForCausalLM
+
+    work, _, _ = runs
+    want, got = weights(work / "one", 6), weights(work / "two", 6)
+    assert want.keys() == got.keys()  # the tied LM head is not saved twice
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-4, msg=name)
+    saved = torch.load(work / "two" / "checkpoints" / "step-00000006" / "optimizer.pt", weights_only=True)
+    alone = torch.load(work / "one" / "checkpoints" / "step-00000006" / "optimizer.pt", weights_only=True)
+    assert saved["optimizer"]["state"].keys() == alone["optimizer"]["state"].keys()
+    for index, state in alone["optimizer"]["state"].items():
+        for key, value in state.items():  # whole moments, not one rank's shard
+            assert saved["optimizer"]["state"][index][key].shape == value.shape, (index, key)
+    model = AutoModelForCausalLM.from_pretrained(work / "two" / "checkpoints" / "step-00000006")
+    assert model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_sharded_checkpoint_resumes_in_one_process_and_in_two(runs, nproc):
+    work, _, _ = runs
+    copy = work / f"resumed-{nproc}"
+    shutil.copytree(work / "two", copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000006")  # as if the run had stopped after step 3
+    args = ["--out", copy.name, "--resume"] + (["--nproc", "2", "--parallel", "fsdp"] if nproc == 2 else [])
+    result = arbor_train(work, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout
+    assert losses(copy) == pytest.approx(losses(work / "two"), rel=1e-5)
+    resumed = weights(copy, 6)
+    for name, tensor in weights(work / "two", 6).items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=5e-4, msg=name)
