@@ -1,8 +1,9 @@
 """One process of the distributed row of ``benches/throughput.py`` (started by torchrun; not run by hand).
 
-Trains ``arbor.training.trainer.Trainer`` data parallel on random token blocks at a fixed per-rank
-batch, times training steps, then times one growth step (a depth step, exact, with the checks and
-the DDP rebuild a distributed run does) and the first training step after it. Rank 0 writes the
+Trains ``arbor.training.trainer.Trainer`` data parallel (``--parallel ddp``) or sharded by FSDP2
+(``fsdp``) on random token blocks at a fixed per-rank batch, times training steps, then times one
+growth step (a depth step, exact, with the checks a distributed run does) and the first training
+step after it (where DDP's wrapper is rebuilt, or FSDP's root takes the new layers in). Rank 0 writes the
 timings as JSON to the path given.
 """
 
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"))
     args = p.parse_args()
     ranks = Ranks.from_env()
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def main() -> None:
                         lr=1e-3, eval_interval=10**6, save_interval=10**6, log_interval=10**6, sample_tokens=0,
                         device=args.device)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, train, blocks, blocks[:8], out, progress=False, ranks=ranks)
+        trainer = Trainer(model, train, blocks, blocks[:8], out, progress=False, ranks=ranks, parallel=args.parallel)
         for _ in range(args.warmup):
             trainer.train_step()
         times = []
@@ -54,7 +56,7 @@ def main() -> None:
         trainer.grow(Decision(True, "bench", {"axis": "depth", "num_layers": 1, "init": "zero"}))
         grow = time.perf_counter() - started
         started = time.perf_counter()
-        trainer.train_step()  # rebuilds the DDP wrapper around the grown model first
+        trainer.train_step()  # DDP: rebuilds the wrapper around the grown model first; FSDP: the root takes the new units in
         after = time.perf_counter() - started
     step = statistics.median(times)
     if ranks.main:

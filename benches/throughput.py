@@ -15,10 +15,11 @@ code. Three metrics:
 4. with ``--compile``: the training step of ``torch.compile``-d arbor (``fullgraph=True``)
    against eager Llama and against Llama compiled the same way, timed in one alternation
    (compile time is spent in the warm-up, not timed);
-5. ``--metrics distributed``: arbor's own data-parallel training (`arbor.training.trainer.Trainer`
-   under torchrun, ``--nproc`` processes) against the same Trainer in one process, at the same
-   per-rank batch: tokens/s of all ranks together, and what one growth step (with its checks and
-   the rebuilt DDP wrapper) and the first step after it cost, in training steps. Each side is a
+5. ``--metrics distributed``: arbor's own training in ``--nproc`` processes under torchrun
+   (`arbor.training.trainer.Trainer`, data parallel and sharded by FSDP2) against the same
+   Trainer in one process, at the same per-rank batch: tokens/s of all ranks together, and what
+   one growth step (with its checks) and the first step after it (DDP's wrapper rebuilt, or
+   FSDP's root taking the new layers in) cost, in training steps. Each side is a
    fresh torchrun launch (``benches/distributed_worker.py``); launches alternate, ``--dist-rounds``
    of each.
 
@@ -351,45 +352,55 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_distributed(config: ArborConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """``--nproc`` ranks of arbor's Trainer against one, each launch a fresh torchrun (see module doc)."""
+    """``--nproc`` ranks of arbor's Trainer, data parallel and sharded, against one rank; each launch a
+    fresh torchrun (see module doc)."""
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings")
     spec = json.dumps({k: getattr(config, k) for k in keys})
-    runs: dict[int, list[dict[str, Any]]] = {1: [], args.nproc: []}
+    # side name -> (processes, --parallel); "2" keeps its name (the ddp side) for older readers of the JSON
+    sides = {"1": (1, "ddp"), str(args.nproc): (args.nproc, "ddp"), f"{args.nproc}-fsdp": (args.nproc, "fsdp")}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.dist_rounds):
-            order = [1, args.nproc] if round_ % 2 == 0 else [args.nproc, 1]
-            for nproc in order:
-                out = os.path.join(tmp, f"{nproc}-{round_}.json")
+            order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+            for name in order:
+                nproc, parallel = sides[name]
+                out = os.path.join(tmp, f"{name}-{round_}.json")
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), worker, out, "--config", spec, "--batch", str(args.batch), "--seq",
-                           str(args.seq), "--steps", str(max(3, args.steps)), "--device", args.device]
+                           str(args.seq), "--steps", str(max(3, args.steps)), "--device", args.device,
+                           "--parallel", parallel]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"the {nproc}-process launch failed:\n{done.stderr[-2000:]}")
+                    raise RuntimeError(f"the {nproc}-process {parallel} launch failed:\n{done.stderr[-2000:]}")
                 with open(out) as f:
-                    runs[nproc].append(json.load(f))
-    summary: dict[str, Any] = {"runs": {str(k): v for k, v in runs.items()}, "nproc": args.nproc}
-    for nproc, measured in runs.items():
+                    runs[name].append(json.load(f))
+    summary: dict[str, Any] = {"runs": runs, "nproc": args.nproc}
+    for name, measured in runs.items():
         step = statistics.median(r["step_seconds"] for r in measured)
-        summary[f"ranks_{nproc}"] = {
+        key = f"ranks_{name}".replace("-", "_")
+        summary[key] = {
             "tokens_per_second": statistics.median(r["tokens_per_s"] for r in measured),
             "growth_in_steps": statistics.median(r["growth_seconds"] for r in measured) / step,
             "first_step_after_growth_in_steps": statistics.median(
                 r["first_step_after_growth_seconds"] for r in measured) / step,
         }
-    summary["ratio"] = (summary[f"ranks_{args.nproc}"]["tokens_per_second"]
-                        / summary["ranks_1"]["tokens_per_second"])
+    one = summary["ranks_1"]["tokens_per_second"]
+    summary["ratio"] = summary[f"ranks_{args.nproc}"]["tokens_per_second"] / one
+    summary["ratio_fsdp"] = summary[f"ranks_{args.nproc}_fsdp"]["tokens_per_second"] / one
     return summary
 
 
 def print_distributed(r: dict[str, Any]) -> None:
-    n, one, many = r["nproc"], r["ranks_1"], r[f"ranks_{r['nproc']}"]
+    n, one = r["nproc"], r["ranks_1"]
+    many, sharded = r[f"ranks_{n}"], r[f"ranks_{n}_fsdp"]
     print(f"distributed {n} ranks {many['tokens_per_second']:>11,.0f} tok/s   "
           f"1 rank {one['tokens_per_second']:>11,.0f} "
-          f"tok/s   {n}/1 {r['ratio']:.3f}x  (same per-rank batch; medians of {len(r['runs']['1'])} launches)")
-    for label, side in ((f"{n} ranks", many), ("1 rank", one)):
+          f"tok/s   {n}/1 {r['ratio']:.3f}x  (ddp; same per-rank batch; medians of {len(r['runs']['1'])} launches)")
+    print(f"distributed {n} ranks {sharded['tokens_per_second']:>11,.0f} tok/s   "
+          f"1 rank {one['tokens_per_second']:>11,.0f} tok/s   {n}/1 {r['ratio_fsdp']:.3f}x  (fsdp)")
+    for label, side in ((f"{n} ranks ddp", many), (f"{n} ranks fsdp", sharded), ("1 rank", one)):
         print(f"  growth step, {label}: {side['growth_in_steps']:.2f} training steps, then the first step after "
               f"it {side['first_step_after_growth_in_steps']:.2f} steps")
 

@@ -28,7 +28,7 @@ def test_every_metric_runs_at_the_smallest_size(tmp_path):
     assert {"training", "generation", "stats"} <= set(data["results"])
 
 
-def test_the_distributed_row_compares_two_ranks_with_one(tmp_path):
+def test_the_distributed_row_compares_two_ranks_ddp_and_fsdp_with_one(tmp_path):
     out = tmp_path / "distributed.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--metrics", "distributed", "--preset", "tiny", "--seq", "16", "--batch", "2",
@@ -37,7 +37,8 @@ def test_the_distributed_row_compares_two_ranks_with_one(tmp_path):
     assert result.returncode == 0, result.stderr
     assert any(line.startswith("distributed 2 ranks") for line in result.stdout.splitlines()), result.stdout
     row = json.loads(out.read_text())["results"]["distributed"]
-    assert row["nproc"] == 2 and row["ratio"] > 0
-    for side in ("ranks_1", "ranks_2"):
+    assert any(line.startswith("distributed 2 ranks") and "(fsdp)" in line for line in result.stdout.splitlines())
+    assert row["nproc"] == 2 and row["ratio"] > 0 and row["ratio_fsdp"] > 0
+    for side in ("ranks_1", "ranks_2", "ranks_2_fsdp"):
         assert row[side]["tokens_per_second"] > 0 and row[side]["growth_in_steps"] > 0
-    assert [r["world_size"] for r in row["runs"]["2"]] == [2]
+    assert [r["world_size"] for r in row["runs"]["2"]] == [r["world_size"] for r in row["runs"]["2-fsdp"]] == [2]
