@@ -2,8 +2,9 @@
 
 ``torchrun --nproc-per-node N -m arbor train`` (or ``arbor train --nproc N``) starts N processes;
 each reads torchrun's environment (`Ranks.from_env`) and joins one process group (`init`): gloo on
-CPU, nccl on CUDA. The Trainer then wraps its model in PyTorch's ``DistributedDataParallel``,
-and this module supplies what the wrapper does not:
+CPU, nccl on CUDA. The Trainer then wraps its model in PyTorch's ``DistributedDataParallel``
+(or, with ``parallel="fsdp"``, shards it with `arbor.training.sharding`), and this module
+supplies what the wrapper does not:
 
 - `shard`: every rank computes the same global batch (`arbor.training.data.batch_at` is a pure
   function of the step) and trains on its own contiguous slice, so ``batch_size`` stays the
@@ -20,8 +21,8 @@ and this module supplies what the wrapper does not:
   every rank with `RanksDiverged`, naming the ranks, instead of a hang at the next collective.
 
 Checkpoints are written by rank 0 alone: under data parallelism every rank holds the same weights
-and optimizer state, so the checkpoint is the one-process checkpoint, and it resumes in one
-process or in any number of them.
+and optimizer state (a sharded model is gathered whole first), so the checkpoint is the
+one-process checkpoint, and it resumes in one process or in any number of them.
 """
 
 from __future__ import annotations
