@@ -8,7 +8,7 @@ import os
 import shutil
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from arbor.cli.common import TOKENIZER_FILES, checkpoint_config, command
@@ -54,6 +54,9 @@ def generate_command(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.checkpoint)
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; generate needs the run's tokenizer")
+    # The checkpoint's max_length is its context; --max-new-tokens decides here, and transformers
+    # would warn on every call that both are set.
+    model.generation_config.max_length = GenerationConfig().max_length
     torch.manual_seed(args.seed)
     if not args.prompt:
         raise ValueError("the prompt is empty; give some text to continue")

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import GenerationConfig, LlamaConfig
 
 from arbor.growth.lora import effective_weight
-from arbor.model.config import ArborConfig
+from arbor.model.config import ArborConfig, generation_config_to_save
 from arbor_plugins.components import embedding_matrix
 
 #: Weight dtypes an export may be saved in.
@@ -392,7 +392,7 @@ def to_llama(
         reason = str(exc).strip().splitlines()[-1]
         raise ExportError(f"the model cannot be described as a LlamaConfig: {reason}") from None
     llama_config.architectures = ["LlamaForCausalLM"]
-    generation = copy.deepcopy(getattr(model, "generation_config", None))
+    generation = generation_config_to_save(copy.deepcopy(getattr(model, "generation_config", None)), config)
 
     say(f"padding to intermediate_size={ffn}, num_attention_heads={heads}, num_key_value_heads={kv_heads}")
     sd = llama_state_dict(model, ffn, heads, kv_heads, tied)

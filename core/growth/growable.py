@@ -28,6 +28,7 @@ from arbor.growth.lora import has_lora, merged_state_dict
 from arbor.growth.operators import GrowthError, GrowthEvent
 from arbor.growth.step import GrowthSpec, GrowthStep, Operation, parse_growth_spec
 from arbor.model import modeling
+from arbor.model.config import generation_config_to_save
 from arbor.plugins.selection import Selection
 from arbor_plugins import DEFAULTS
 
@@ -110,7 +111,14 @@ class ArborForCausalLM(GrowableMixin, FreezableMixin, modeling.ArborForCausalLM)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As in transformers; LoRA adapters (`arbor.growth.lora`) are merged into the saved
-        weights, so a checkpoint always holds plain Llama-named tensors."""
+        weights, so a checkpoint always holds plain Llama-named tensors, and
+        ``generation_config.json`` gives the model's context (``max_position_embeddings``) as its
+        ``max_length`` unless one was set (`arbor.model.config.generation_config_to_save`)."""
         if has_lora(self) and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = merged_state_dict(self)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        generation = self.generation_config
+        self.generation_config = generation_config_to_save(generation, self.config)  # for this save only
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = generation

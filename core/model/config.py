@@ -21,7 +21,7 @@ import functools
 import math
 from typing import Any
 
-from transformers import LlamaConfig, PreTrainedConfig
+from transformers import GenerationConfig, LlamaConfig, PreTrainedConfig
 
 from arbor.compat import ACT2FN, CACHE_KWARG, ROPE_INIT_FUNCTIONS
 from arbor_plugins import DEFAULTS, UserError
@@ -516,6 +516,18 @@ class ArborConfig(PreTrainedConfig):
             and set(self.layer_num_attention_heads) == {self.num_attention_heads}
             and set(self.layer_num_key_value_heads) == {self.num_key_value_heads}
         )
+
+
+def generation_config_to_save(generation: GenerationConfig | None, config: PreTrainedConfig) -> GenerationConfig | None:
+    """The generation config a saved model carries: ``generation`` with ``max_length`` (prompt plus
+    new tokens) set to the model's context, ``config.max_position_embeddings``, where it was left at
+    transformers' default, as Llama 2's checkpoints write their 4,096. A length set on purpose is
+    kept; ``generation`` itself is not changed (a copy is returned)."""
+    if generation is None or generation.max_length != GenerationConfig().max_length:
+        return generation
+    generation = copy.deepcopy(generation)
+    generation.max_length = config.max_position_embeddings
+    return generation
 
 
 def _is_property(cls: type, key: str) -> bool:

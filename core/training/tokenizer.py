@@ -121,6 +121,20 @@ def train_bpe(
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path, model_max_length: int) -> None:
+    """``tokenizer.save_pretrained(directory)``, with ``model_max_length`` in its
+    ``tokenizer_config.json``: the longest input the model it is saved with takes (its
+    ``max_position_embeddings``), where a trained or code-point tokenizer would write transformers'
+    "no limit" (about 1e30). The tokenizer itself keeps its own value: encoding whole documents for
+    packing must not warn that they are longer than the model's context."""
+    own = tokenizer.model_max_length
+    tokenizer.model_max_length = model_max_length
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.model_max_length = own
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a directory (``tokenizer.json``/``tokenizer_config.json``) or a bare ``tokenizer.json``.
 
