@@ -87,11 +87,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any],
-                    tokenizer=None, keep: int = 3, components: dict[str, Any] | None = None) -> Path:
+                    tokenizer=None, keep: int = 3, components: dict[str, Any] | None = None,
+                    model_state: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``.
 
     ``components`` is the plugins' training state (`arbor.plugins.component_state`),
-    saved beside the optimizer state.
+    saved beside the optimizer state. ``model_state`` and ``optimizer_state`` replace
+    ``model.state_dict()`` and ``optimizer.state_dict()`` (a sharded run passes them gathered whole).
     """
     from transformers.utils import logging as hf_logging
 
@@ -104,12 +106,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the trainer's own progress bar is enough
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp, model.config.max_position_embeddings)  # the model's context, not 1e30
         names = {id(p): n for n, p in model.named_parameters()}
         groups = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "components": components or {}},
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": optimizer_state, "rng": rng_state(), "components": components or {}},
                    tmp / TENSORS)
         state = {**trainer_state, "step": step, "optimizer_groups": groups, "python_rng": _python_rng()}
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
