@@ -9,6 +9,12 @@ Checkpoints arbor writes also carry ``checksums.json``: the SHA-256 of every
 file in the directory. safetensors checks its header but not the tensor bytes,
 so a flipped bit in a weight loads silently; with the checksums it is found,
 and the file is named, before anything is loaded.
+
+And they carry their own modeling code (`write_remote_code`): ``modeling_arbor.py``,
+a copy of `arbor.model.remote_code`, named in ``config.json``'s ``auto_map``, and for
+a frozen substrate its embedding matrix in ``substrate.safetensors``, so that
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads the
+model where arbor is not installed. arbor itself reads neither file.
 """
 
 from __future__ import annotations
@@ -16,10 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from arbor.model import remote_code
 
 
 class CheckpointMismatchError(ValueError):
@@ -171,3 +183,93 @@ def drop_checksums(directory: str | os.PathLike) -> None:
         (Path(directory) / CHECKSUMS).unlink()
     except FileNotFoundError:
         pass
+
+
+# ------------------------------------------------------------------ remote code
+#: The checkpoint file holding the self-contained modeling code (a copy of `arbor.model.remote_code`).
+REMOTE_CODE_FILE = "modeling_arbor.py"
+#: The checkpoint file holding a frozen substrate's embedding matrix (tensor ``weight``) for that code.
+SUBSTRATE_FILE = remote_code.SUBSTRATE_FILE
+#: What ``config.json``'s ``auto_map`` names: the classes transformers loads with ``trust_remote_code=True``.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "modeling_arbor.ArborConfig",
+    "AutoModel": "modeling_arbor.ArborModel",
+    "AutoModelForCausalLM": "modeling_arbor.ArborForCausalLM",
+}
+_REMOTE_CODE_SOURCE = Path(remote_code.__file__)
+
+
+class RemoteCodeWarning(UserWarning):
+    """A checkpoint is saved without remote code: its embedding is not one that code reproduces."""
+
+
+def substrate_matrix(model) -> tuple[torch.Tensor | None, str | None]:
+    """How the remote code reproduces ``model``'s embedding: ``(matrix, None)`` for a frozen
+    substrate (the fixed matrix to save), ``(None, None)`` for the learned one (its weights are in
+    ``model.safetensors``), ``(None, reason)`` when the remote code cannot reproduce it."""
+    config, embed = model.config, model.get_input_embeddings()
+    shape = (config.vocab_size, config.hidden_size)
+    if config.substrate == remote_code.LEARNED:
+        plain = type(embed) is nn.Embedding and embed.padding_idx is None and embed.max_norm is None
+        if plain and tuple(embed.weight.shape) == shape:
+            return None, None
+        return None, f"its embedding is a {type(embed).__name__}, not the plain nn.Embedding of substrate 'learned'"
+    # Any other substrate is carried as a fixed matrix: it must be a lookup into a non-persistent
+    # `weight` buffer (as arbor_substrates' frozen substrates are), with nothing saved besides.
+    name = f"substrate {config.substrate!r}"
+    weight = dict(embed.named_buffers()).get("weight")
+    if embed.state_dict():
+        return None, f"{name} has saved state ({', '.join(embed.state_dict())}), not only a fixed matrix"
+    if weight is None or tuple(weight.shape) != shape or weight.device.type == "meta":
+        return None, f"{name} has no fixed {list(shape)} `weight` matrix to save"
+    ids = torch.cat([torch.arange(min(config.vocab_size, 256)), torch.tensor([config.vocab_size - 1])]).to(weight.device)
+    with torch.no_grad():
+        if not torch.equal(embed(ids[None])[0], weight[ids]):
+            return None, f"{name} does not look its vectors up in its `weight` matrix"
+    return weight.detach().cpu().contiguous(), None
+
+
+def write_remote_code(model, directory: str | os.PathLike) -> bool:
+    """Write the remote-code files of ``model`` into ``directory``; return whether it did.
+
+    When the remote code cannot reproduce the model's embedding (a third-party substrate that is
+    neither a plain embedding nor a fixed matrix), nothing is written and a `RemoteCodeWarning`
+    says why: the checkpoint then loads with arbor only. Files of an earlier save that this one
+    does not write are removed.
+    """
+    directory = Path(directory)
+    matrix, reason = substrate_matrix(model)
+    if reason is not None:
+        warnings.warn(
+            f"{directory} is saved without remote code ({REMOTE_CODE_FILE}, auto_map): {reason}; "
+            "it loads with arbor installed only",
+            RemoteCodeWarning, stacklevel=3,
+        )
+        remove_remote_code(directory)
+        return False
+    shutil.copyfile(_REMOTE_CODE_SOURCE, directory / REMOTE_CODE_FILE)
+    if matrix is None:
+        (directory / SUBSTRATE_FILE).unlink(missing_ok=True)
+    else:
+        save_file({"weight": matrix}, directory / SUBSTRATE_FILE,
+                  metadata={"format": "pt", "substrate": str(model.config.substrate)})
+    return True
+
+
+def drop_remote_code_map(config) -> None:
+    """Remove from ``config.auto_map`` the entries `REMOTE_CODE_AUTO_MAP` adds (and ``auto_map``
+    itself when nothing else is left): a loaded model's config describes the model, and each save
+    writes the entries again when it writes the code they name."""
+    auto_map = config.__dict__.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    kept = {k: v for k, v in auto_map.items() if REMOTE_CODE_AUTO_MAP.get(k) != v}
+    del config.auto_map
+    if kept:
+        config.auto_map = kept
+
+
+def remove_remote_code(directory: str | os.PathLike) -> None:
+    """Remove the remote-code files an earlier save left in ``directory``."""
+    for name in (REMOTE_CODE_FILE, SUBSTRATE_FILE):
+        (Path(directory) / name).unlink(missing_ok=True)

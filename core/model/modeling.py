@@ -215,13 +215,41 @@ class ArborPreTrainedModel(PreTrainedModel):
             if not isinstance(config, ArborConfig):
                 config = checkpoint_checks.read_config(path, ArborConfig)
             checkpoint_checks.check_checkpoint_shapes(path, cls, config)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        checkpoint_checks.drop_remote_code_map(model.config)  # written again by each save
+        return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As in transformers, after removing the checksums of an earlier save into the same directory."""
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """As in transformers, after removing the checksums of an earlier save into the same directory.
+
+        With ``remote_code`` (the default) the directory also gets the model's own modeling code,
+        named in ``config.json``'s ``auto_map``, and a frozen substrate's matrix (see
+        `arbor.model.checkpoint.write_remote_code`), so that
+        ``AutoModelForCausalLM.from_pretrained(save_directory, trust_remote_code=True)`` loads it
+        where arbor is not installed. ``remote_code=False`` saves without them.
+        """
         # Checksums of an earlier save there would describe files this save replaces.
         checkpoint_checks.drop_checksums(save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        if remote_code:
+            remote_code = checkpoint_checks.write_remote_code(self, save_directory)
+        else:
+            checkpoint_checks.remove_remote_code(save_directory)
+        # The map is the config's for this save only, as the code it names is this save's.
+        config = self.config
+        previous = config.__dict__.get("auto_map")
+        checkpoint_checks.drop_remote_code_map(config)
+        if remote_code:
+            config.auto_map = {**config.__dict__.get("auto_map", {}), **checkpoint_checks.REMOTE_CODE_AUTO_MAP}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            config.__dict__.pop("auto_map", None)
+            if previous is not None:
+                config.auto_map = previous
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         # Registered backend names ("flex", "flash-attn", a plugin's) map to transformers
