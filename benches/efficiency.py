@@ -322,6 +322,50 @@ class Run:
         return at_budget[-1]["val_loss"]
 
 
+class Recorded:
+    """A finished run read back from an earlier report (``--scratch-from``)."""
+
+    def __init__(self, result: dict[str, Any]):
+        self._result = result
+        self.name, self.lr, self.evaluations = result["arm"], result["lr"], result["evaluations"]
+        self.budget_flops, self.final_loss = result["budget_flops"], result["final_val_loss"]
+
+    def result(self) -> dict[str, Any]:
+        return self._result
+
+
+#: What must be equal for the scratch runs of an earlier report to stand in for this one's.
+SCRATCH_SETTINGS = ("data", "seq_len", "batch_size", "vocab_size", "steps", "lrs", "warmup_steps", "evals",
+                    "eval_blocks", "seed", "plugins")
+
+
+def run_settings(args, final: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: getattr(args, k) for k in SCRATCH_SETTINGS}, "final_model": final}
+
+
+def recorded_scratch(path: str, settings: dict[str, Any]) -> list[Recorded]:
+    """The scratch runs of the report at ``path``, if it was made with ``settings``; else ValueError."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--scratch-from {path}: no such file")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--scratch-from {path}: not valid JSON ({exc})") from None
+    saved = report.get("settings") if isinstance(report, dict) else None
+    if not isinstance(saved, dict) or report.get("partial"):
+        raise ValueError(f"--scratch-from {path}: not a finished report of this benchmark (no settings recorded)")
+    differ = [k for k in settings if json.dumps(saved.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
+    if differ:
+        raise ValueError(f"--scratch-from {path}: its runs were made with other settings ({', '.join(differ)}: "
+                         f"{', '.join(f'{saved.get(k)!r} there, {settings[k]!r} here' for k in differ[:2])})")
+    runs = [Recorded(r) for r in report["runs"] if r["arm"] == "scratch"]
+    if sorted(r.lr for r in runs) != sorted(settings["lrs"]):
+        raise ValueError(f"--scratch-from {path}: holds scratch runs at {sorted(r.lr for r in runs)}, not at "
+                         f"every rate of --lrs")
+    return runs
+
+
 def load_schedules(text: str) -> dict[str, dict[str, Any]]:
     if text.endswith(".json") or Path(text).is_file():
         path = Path(text)
@@ -390,8 +434,12 @@ def run_benchmark(args) -> dict[str, Any]:
           f"{args.steps * tokens_per_step:,} tokens ({args.steps:,} steps of {tokens_per_step:,}), "
           f"{args.steps * tokens_per_step / params:.2f} tokens per parameter; "
           f"{len(train_blocks) * args.seq_len:,} training tokens available", file=sys.stderr)
+    settings = run_settings(args, final)
+    reused = recorded_scratch(args.scratch_from, settings) if args.scratch_from else []
+    if reused:
+        print(f"scratch: the {len(reused)} runs of {args.scratch_from}, made with the same settings", file=sys.stderr)
     runs: dict[str, list[Run]] = {"scratch": []}
-    total = args.steps * (len(lrs) + len(growth_lrs) * len(schedules))
+    total = args.steps * (len(lrs) * (not reused) + len(growth_lrs) * len(schedules))
     bar = tqdm(total=total, desc="efficiency", unit="step", dynamic_ncols=True, disable=args.no_progress)
     data = (train_blocks, val_blocks)
 
@@ -400,13 +448,15 @@ def run_benchmark(args) -> dict[str, Any]:
             run.budget_flops = run.trainer.flops.total
         runs[arm].append(run)
         # Every finished run is on disk at once: a crash or Ctrl-C loses only the run in progress.
-        partial = {"partial": True, "runs": [r.result() for group in runs.values() for r in group]}
+        partial = {"partial": True, "settings": settings,
+                   "runs": [r.result() for group in runs.values() for r in group]}
         (out / "efficiency.json").write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
 
-    for lr in lrs:
+    for lr in [] if reused else lrs:
         run = Run("scratch", lr, final, [], args, data, out, selection=selection)
         run.train(args.steps, eval_every, bar=bar)
         finished("scratch", run)
+    runs["scratch"].extend(reused)
     best_scratch = min(runs["scratch"], key=lambda r: r.final_loss)
     target = best_scratch.final_loss
     comparisons = {}
@@ -433,7 +483,7 @@ def run_benchmark(args) -> dict[str, Any]:
     winner = min(comparisons, key=lambda n: (comparisons[n]["ratio"] is None, comparisons[n]["ratio"] or 0,
                                              comparisons[n]["growth_loss_at_equal"] or math.inf))
     report = {
-        "command": " ".join(sys.argv), "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "command": " ".join(sys.argv), "settings": settings, "scratch_from": args.scratch_from, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "budget_tokens": args.steps * tokens_per_step, "steps": args.steps, "lrs": lrs, "growth_lrs": growth_lrs,
         "final_model": final,
         "params": params, "tokens_per_parameter": args.steps * tokens_per_step / params,
@@ -542,6 +592,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks every evaluation reads")
     p.add_argument("--plugins", help="a plugins.toml whose components schedules without their own names use")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scratch-from", metavar="FILE",
+                   help="take the scratch runs from an earlier efficiency.json made with the same settings (data, "
+                        "model, budget, --lrs, ...) instead of training them again; refused if any differs")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:  # small defaults; options given on the command line still win

@@ -142,3 +142,23 @@ def test_tokens_to_target_reads_the_same_curve(bench):
          {"flops": 30, "tokens": 200, "val_loss": 3.0}]
     assert bench.flops_to_target(c, 3.5) == pytest.approx(20.0)
     assert bench.flops_to_target(c, 3.5, key="tokens") == pytest.approx(150.0)
+
+
+def test_scratch_runs_are_taken_from_an_earlier_report_made_alike(bench, quick, tmp_path, capsys):
+    out, _, first = quick
+    again = tmp_path / "again"
+    assert bench.main(["--quick", "--no-progress", "--out", str(again), "--scratch-from",
+                       str(out / "efficiency.json")]) == 0
+    report = json.loads((again / "efficiency.json").read_text())
+    scratch = [r for r in report["runs"] if r["arm"] == "scratch"]
+    assert scratch == [r for r in first["runs"] if r["arm"] == "scratch"]  # not trained again: the same records
+    assert report["scratch"] == first["scratch"] and report["scratch_from"] == str(out / "efficiency.json")
+    # The growth runs were trained again, on the same data in the same order: the same curves.
+    growth = [r["evaluations"] for r in report["runs"] if r["arm"] != "scratch"]
+    assert growth == [r["evaluations"] for r in first["runs"] if r["arm"] != "scratch"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # another seed: other batches, so other scratch runs
+        bench.main(["--quick", "--no-progress", "--out", str(tmp_path / "other"), "--seed", "1", "--scratch-from",
+                    str(out / "efficiency.json")])
+    assert exit_info.value.code == 2
+    assert "its runs were made with other settings (seed: 0 there, 1 here)" in capsys.readouterr().err
