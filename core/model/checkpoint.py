@@ -210,7 +210,9 @@ def substrate_matrix(model) -> tuple[torch.Tensor | None, str | None]:
     config, embed = model.config, model.get_input_embeddings()
     shape = (config.vocab_size, config.hidden_size)
     if config.substrate == remote_code.LEARNED:
-        plain = type(embed) is nn.Embedding and embed.padding_idx is None and embed.max_norm is None
+        # isinstance and the forward, not the type: FSDP2 swaps a sharded module's class for a subclass.
+        plain = (isinstance(embed, nn.Embedding) and type(embed).forward is nn.Embedding.forward
+                 and embed.padding_idx is None and embed.max_norm is None)
         if plain and tuple(embed.weight.shape) == shape:
             return None, None
         return None, f"its embedding is a {type(embed).__name__}, not the plain nn.Embedding of substrate 'learned'"
