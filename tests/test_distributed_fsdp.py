@@ -81,3 +81,15 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_in_two(runs, nproc):
     resumed = weights(copy, 6)
     for name, tensor in weights(work / "two", 6).items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=5e-4, msg=name)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("growth.step={\"axis\": \"heads\", \"add\": 2}", "a step on axis='heads' cannot run on a model sharded by FSDP2"),
+    ("growth.init=stack", "init='stack' copies existing layers"),
+])
+def test_growth_a_sharded_model_cannot_take_is_refused_at_the_start(tmp_path, capsys, setting, message):
+    from arbor.cli import main
+
+    assert main(["train", "--parallel", "fsdp", "--set", setting, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -37,10 +37,14 @@ __all__ = ["SHARDED_AXES", "check_growth_settings", "full_model_state", "full_op
 
 #: The growth axes `grow_sharded` takes.
 SHARDED_AXES = ("depth",)
+#: Depth inits `grow_sharded` refuses: they copy existing layers (``copy.deepcopy``), which FSDP2,
+#: holding only a shard of each, does not allow.
+COPYING_INITS = ("stack", "copy-neighbor")
 
 
 def check_growth_settings(growth: dict[str, Any]) -> None:
-    """Refuse, before a sharded run starts, growth settings that name an axis outside ``SHARDED_AXES``.
+    """Refuse, before a sharded run starts, growth settings that name an axis outside ``SHARDED_AXES``
+    or an init of ``COPYING_INITS``.
 
     ``growth`` is a run's ``growth`` table (`arbor.training.trainer.GrowthSettings`): its ``step``
     and the steps its trigger's settings list (``trigger_settings.growth``). A trigger that picks
@@ -54,6 +58,15 @@ def check_growth_settings(growth: dict[str, Any]) -> None:
             raise ValueError(f"growth: a step on axis={axis!r} cannot run on a model sharded by FSDP2 (only "
                              f"{', '.join(SHARDED_AXES)} steps can); train data parallel (--parallel ddp) to grow "
                              "other axes")
+    for init in [growth.get("init"), *(spec.get("init") for spec in steps if isinstance(spec, dict))]:
+        _check_init(init, ValueError)
+
+
+def _check_init(init: Any, error: type[Exception]) -> None:
+    name = init[0] if isinstance(init, (tuple, list)) else init
+    if name in COPYING_INITS:
+        raise error(f"growth: init={name!r} copies existing layers, which a model sharded by FSDP2 holds only a "
+                    f"shard of; use another init (zero, masked) or train data parallel (--parallel ddp)")
 
 
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh | None = None, **options: Any) -> DeviceMesh:
@@ -166,12 +179,13 @@ def grow_sharded(growth_step: GrowthStep, model: torch.nn.Module, spec: dict | G
     settings); ``kwargs`` go to it (``probe``, ``reason``, ``step``, ``tokens``, ``trigger``,
     ``scheduler``). ``options`` go to ``fully_shard`` for the new layers (the run's
     `shard_model` options). Raises `GrowthError`, before changing anything, for an axis
-    outside ``SHARDED_AXES``.
+    outside ``SHARDED_AXES`` or an init of ``COPYING_INITS``.
     """
     resolved = growth_step.resolve(model, spec)
     if resolved.axis not in SHARDED_AXES:
         raise GrowthError(f"axis={resolved.axis!r} is not supported on a model sharded by FSDP2: only "
                           f"{', '.join(SHARDED_AXES)} steps are; train data parallel (ddp) to grow other axes")
+    _check_init(resolved.init, GrowthError)
     mesh = mesh_of(model)
 
     def shard_new_layers(model, event) -> None:  # before the freeze policy and the second probe
