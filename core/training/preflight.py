@@ -126,7 +126,11 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_c
              ("insertion_policy", g.insertion_policy, None, "growth.insertion_policy"),
              ("freeze_policy", g.freeze_policy, g.freeze_settings, "growth.freeze_policy")]
     for kind, name, settings, path in roles:
-        if name is None:
+        if kind == "trigger" and not g.enabled:
+            resolved[kind] = "none: growth.enabled = false, the run does not grow"
+            if name is None:
+                continue
+        elif name is None:
             chosen = selection.name(kind) if selection is not None else None
             resolved[kind] = f"{chosen} (plugins.toml)" if chosen else "default"
             continue
@@ -134,7 +138,7 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_c
             valid = ", ".join(registry.names(kind)) or "none are installed"
             problems.append(f"{path}={name!r}: not a registered {kind.replace('_', ' ')}; valid names: {valid}")
             continue
-        resolved[kind] = name
+        resolved.setdefault(kind, name)
         if settings is None:
             continue
         try:

@@ -60,7 +60,7 @@ from arbor.training.data import (
 from arbor.training.distributed import Ranks, shard
 from arbor.training.flops import FlopCounter
 from arbor.training.tokenizer import encode
-from arbor_plugins import DEFAULTS
+from arbor_plugins import DEFAULTS, Decision, TriggerState
 
 
 class TrainingStopped(RuntimeError):
@@ -76,6 +76,8 @@ class _Strict(BaseModel):
 class GrowthSettings(_Strict):
     """How the run grows. Roles left as None fall back to ``plugins.toml``, then to the defaults."""
 
+    #: False: the run never grows; no trigger is started, so none collects statistics or is asked.
+    enabled: bool = True
     #: Trigger name and settings; default: "schedule" with DEFAULT_GROWTH (10 % and 30 % of ``max_steps``).
     trigger: str | None = None
     trigger_settings: dict[str, Any] = Field(default_factory=dict)
@@ -168,6 +170,13 @@ DEFAULT_GROWTH: tuple[tuple[float, dict[str, Any]], ...] = (
 )
 
 
+class GrowthOff(TriggerState):
+    """Stands in for the trigger of a run with ``growth.enabled = false``: it never grows."""
+
+    def decide(self, step, tokens, model) -> Decision:
+        return Decision(False, "growth.enabled = false")
+
+
 def trigger_choice(config: TrainConfig, selection=None) -> tuple[str | None, dict[str, Any]]:
     """The trigger a run uses and its settings, defaults filled in (None: plugins.toml's)."""
     g = config.growth
@@ -250,10 +259,13 @@ class Trainer:
 
     def _setup_growth(self) -> None:
         g = self.config.growth
-        name, trigger_settings = trigger_choice(self.config, self.selection)
-        trigger, settings = self._component("trigger", name, trigger_settings)
-        self.trigger_name = name or self.selection.name("trigger")
-        self.trigger = trigger.start(self.model, settings)
+        if g.enabled:
+            name, trigger_settings = trigger_choice(self.config, self.selection)
+            trigger, settings = self._component("trigger", name, trigger_settings)
+            self.trigger_name = name or self.selection.name("trigger")
+            self.trigger = trigger.start(self.model, settings)
+        else:
+            self.trigger_name, self.trigger = None, GrowthOff()
         freeze_policy, freeze_settings = self._component("freeze_policy", g.freeze_policy, g.freeze_settings)
         # bf16 autocast rounds differently once shapes change, even for a function-preserving step.
         tolerance = max(g.exact_tolerance, 1e-2 if self.config.bf16 else 0.0)
