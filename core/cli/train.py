@@ -32,6 +32,7 @@ from arbor.model.config import ArborConfig
 from arbor.plugins import get_registry
 from arbor.plugins.selection import apply_rope_scaling, load_plugins_toml
 from arbor.training import distributed
+from arbor.training.card_config import describe_settings_error, translate_card_keys
 from arbor.training.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
 from arbor.training.data import PackedDataset, load_split
 from arbor.training.distributed import Ranks
@@ -41,7 +42,6 @@ from arbor.training.sharding import check_growth_settings
 from arbor.training.tokenizer import load_tokenizer, train_bpe
 from arbor.training.trainer import TrainConfig, Trainer, TrainingStopped, truncate_metrics
 from arbor_plugins import DEFAULTS
-from arbor_plugins.settings import describe_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -146,7 +146,7 @@ def resume_config(saved: dict[str, Any], args: argparse.Namespace):
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"config: {describe_validation_error(exc)}") from None
+        raise ValueError(f"config: {describe_settings_error(exc)}") from None
 
 
 def build_config(args: argparse.Namespace):
@@ -154,9 +154,16 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--recipe {args.recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
     data = copy.deepcopy(RECIPES[args.recipe])
     if args.config:
-        data = _merge(data, read_config_file(args.config))
+        # A file may use the Arbor card's keys (model.num_layers, growth.layer_growth_*): read as arbor's.
+        card = translate_card_keys(read_config_file(args.config))
+        if card.notice(args.config) and Ranks.from_env().main:
+            print(card.notice(args.config), file=sys.stderr)
+        data = _merge(data, card.settings)
     for assignment in args.set or []:
         apply_override(data, assignment)
+    model = data.get("model")
+    if isinstance(model, dict) and "min_layers" in model and "num_hidden_layers" not in model:
+        model["num_hidden_layers"] = model["min_layers"]  # no depth given: the run starts at its smallest
     if args.data is not None:
         data["data"] = args.data
     if args.max_steps is not None:
@@ -166,7 +173,7 @@ def build_config(args: argparse.Namespace):
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"config: {describe_validation_error(exc)}") from None
+        raise ValueError(f"config: {describe_settings_error(exc)}") from None
     return config
 
 

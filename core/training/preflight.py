@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from arbor.growth.operators import GrowthError
 from arbor.growth.step import parse_growth_spec
-from arbor.model.config import ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
+from arbor.model.config import KEY_ALIASES, ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
 from arbor.plugins import get_registry
 from arbor.training.data import NAMED_CORPORA
 from arbor.training.trainer import trigger_choice
@@ -90,16 +90,24 @@ def check_model_settings(model: dict[str, Any], vocab_size: int) -> ArborConfig:
         if key in spec:
             raise ValueError(f"config: model.{key}={spec[key]!r} is invalid: {reason}")
     try:
-        return ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": vocab_size})
+        config = ArborConfig.from_preset(spec.pop("preset", "tiny"), **{**spec, "vocab_size": vocab_size})
     except ArborConfigKeyError as exc:
         fields = {f.name for f in dataclasses.fields(ArborConfig)}
-        hint = closest_field(exc.field, (fields | set(_MODEL_TABLE_KEYS)) - set(_FROM_THE_TOKENIZER))
+        # Other libraries' names count as spellings of arbor's (num_layer: num_layers, so num_hidden_layers).
+        aliases = {k for k, v in KEY_ALIASES.items() if v not in _FROM_THE_TOKENIZER}
+        hint = closest_field(exc.field, (fields | set(_MODEL_TABLE_KEYS) | aliases) - set(_FROM_THE_TOKENIZER))
+        hint = KEY_ALIASES.get(hint, hint)
         allowed = f"did you mean model.{hint}?" if hint else "the table takes preset, attn_implementation and " \
             "ArborConfig's fields (help(arbor.ArborConfig))"
         raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: not a model setting; {allowed}") \
             from None
     except ArborConfigError as exc:
         raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: {exc.allowed}") from None
+    # A min_layers the run gives (not a preset's) bounds where it starts: growth only adds layers.
+    if "min_layers" in spec and config.min_layers > config.num_hidden_layers:
+        raise ValueError(f"config: model.min_layers={config.min_layers!r} is invalid: must be <= the starting depth, "
+                         f"model.num_hidden_layers={config.num_hidden_layers}")
+    return config
 
 
 def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_config: ArborConfig) -> list[str]:
