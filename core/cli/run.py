@@ -141,8 +141,8 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="PNG", help="image to write (default: RUN_DIR/training.png)")
 
 
-@command("plot", "Plot a run: loss against tokens with growth events marked, parameters over time.",
-         _plot_arguments)
+@command("plot", "Plot a run: loss against tokens with growth events marked, parameters over time, and "
+                 "per-layer utilization when the run's trigger recorded it.", _plot_arguments)
 def plot_command(args: argparse.Namespace) -> int:
     print(f"wrote {plot_run(args.run, args.out)}")
     return 0
