@@ -154,6 +154,11 @@ class TriggerState:
     def grew(self, step: int, tokens: int, model: nn.Module, event: GrowthEvent) -> None:
         """The model grew (cooldowns start here)."""
 
+    def report(self, step: int, tokens: int, model: nn.Module) -> dict[str, Any]:
+        """Figures to add to the training record at each log interval (``metrics.jsonl``), such as the
+        measurements the trigger decides on; JSON-serialisable, and none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -8,7 +8,9 @@ why, in words that go into the log, and may name the growth step to take.
 name               grows when
 =================  ==================================================================
 utilization        at least ``fraction`` of the layers have utilization above
-                   ``threshold`` (Arbor: 80 % over 0.92), after a cooldown; +4 layers
+                   ``threshold`` (Arbor: 80 % over 0.92), after a cooldown; +4 layers.
+                   ``measure``: capacity (default), participation, card, arbor
+                   (`arbor_strategies.stats`)
 loss-plateau       the smoothed loss improved by less than ``epsilon`` (relative) over
                    the last ``window`` steps
 schedule           the step (or token count) reaches the next entry of a list
@@ -26,7 +28,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from arbor_plugins import Decision, StrictSettings, Trigger, TriggerState
-from arbor_strategies.stats import MEASURES, layer_stats, layer_utilization
+from arbor_strategies.stats import MEASURES, layer_stats
 
 
 def _depth_room(model, num_layers: int, max_layers: int | None) -> str | None:
@@ -47,7 +49,9 @@ class UtilizationSettings(StrictSettings):
     #: Depth limit; None takes the config's ``max_layers`` (Arbor: 24 -> 64 layers, with
     #: ``min_layers`` = 24 in the config as the starting depth).
     max_layers: int | None = Field(None, ge=1)
-    measure: str = "participation"
+    #: Which utilization (`arbor_strategies.stats`): "capacity" (share of the width in use, in [0, 1]),
+    #: "participation", "card" (the Arbor card's formula, not bounded) or "arbor" (its reference code's).
+    measure: str = "capacity"
     #: Statistics are taken every this many training forwards (sets ``model.stats_interval``).
     stats_interval: int = Field(100, ge=1)
     #: Measurements per layer kept in the rolling window, and needed before a decision.
@@ -74,15 +78,32 @@ class UtilizationState(TriggerState):
         full = _depth_room(model, s.num_layers, s.max_layers)
         if full:
             return Decision(False, full)
-        util = layer_utilization(model, s.measure, min_records=s.history)
+        util = layer_stats(model).utilization(s.measure, min_records=s.history)
         if util is None:
             return Decision(False, f"waiting for {s.history} statistics per layer")
         high = sum(u > s.threshold for u in util)
         share = high / len(util)
-        summary = f"{high}/{len(util)} layers above {s.threshold} {s.measure} utilization (mean {sum(util) / len(util):.3f})"
+        # The figures the decision rests on, so a growth record says why it grew.
+        summary = (f"{high}/{len(util)} layers above {s.threshold:g} {s.measure} utilization "
+                   f"({share:.0%} {'>=' if share >= s.fraction else '<'} {s.fraction:.0%}; per layer "
+                   f"min {min(util):.3f}, mean {sum(util) / len(util):.3f}, max {max(util):.3f} "
+                   f"over the last {s.history} statistics)")
         if share >= s.fraction:
             return Decision(True, summary, {"axis": "depth", "num_layers": s.num_layers})
         return Decision(False, summary)
+
+    def report(self, step, tokens, model) -> dict[str, Any]:
+        """Per-layer utilization over the window for the training record: the trigger's measure as
+        ``utilization`` (with its threshold and fraction, which `arbor plot` draws), every measure in
+        ``utilization_measures``. Nothing until every layer has a statistic."""
+        every = layer_stats(model).utilizations()
+        if every is None:
+            return {}
+        s = self.settings
+        rounded = {name: [float(f"{u:.4g}") for u in values] for name, values in every.items()}
+        return {"utilization": rounded[s.measure], "utilization_measure": s.measure,
+                "utilization_threshold": s.threshold, "utilization_fraction": s.fraction,
+                "utilization_measures": rounded}
 
     def grew(self, step, tokens, model, event) -> None:
         self.last_growth = step

@@ -194,6 +194,16 @@ def _state_json(check: _Check, state: Any, step: int) -> dict:
                              f"({exc})") from None
 
 
+def _report_json(check: _Check, state: Any, step: int, tokens: int, model: Any) -> dict:
+    report = state.report(step, tokens, model)
+    check(isinstance(report, dict), f"step {step}: report() returned {type(report).__name__}, not a dict")
+    try:
+        return json.loads(json.dumps(report))
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"trigger {check.report.name!r}: step {step}: report() is not JSON-serialisable "
+                             f"({exc})") from None
+
+
 def check_trigger(trigger: Any, settings: dict[str, Any] | None = None, steps: int = 12,
                   max_growths: int = 2) -> Report:
     """Run ``steps`` training steps with the trigger observing and deciding; check every decision and its state.
@@ -227,6 +237,7 @@ def check_trigger(trigger: Any, settings: dict[str, Any] | None = None, steps: i
                 for state in states:
                     state.observe(step, tokens, loss, model)
                 decisions = [_check_decision(check, s.decide(step, tokens, model), step) for s in states]
+                _report_json(check, states[0], step, tokens, model)  # goes into the training record
             check.report.decisions.append(decisions[0])
             if len(decisions) == 2:
                 check(decisions[0] == decisions[1], f"step {step}: a state restored from state_dict() decides "
@@ -246,7 +257,7 @@ def check_trigger(trigger: Any, settings: dict[str, Any] | None = None, steps: i
                     resumed = trigger.start(model, parsed)
                     resumed.load_state_dict(saved)
                 states.append(resumed)
-    check.passed(f"{steps} steps: decisions valid and JSON-serialisable, state_dict JSON-serialisable")
+    check.passed(f"{steps} steps: decisions valid and JSON-serialisable, state_dict and report JSON-serialisable")
     check.passed(f"a state restored at step {steps // 2} decides as the original")
     check.note(f"asked to grow at {fired} of {steps} steps (grew {grown} times)")
     return check.report

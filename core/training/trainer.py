@@ -463,6 +463,8 @@ class Trainer:
                           "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers,
                           "flops": self.flops.total}
+                for key, value in self.trigger.report(self.step, self.tokens, self.model).items():
+                    record.setdefault(key, value)  # the trigger's figures (per-layer utilization), never in place of ours
                 self._log(record)
                 window_tokens, window_start, window_losses = 0, time.perf_counter(), []
                 if bar is not None:
