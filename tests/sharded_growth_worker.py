@@ -2,11 +2,14 @@
 
 Every rank trains the same tiny model twice on the same global batches: whole, in one process's
 way (each rank alone, no collective), and sharded by FSDP2 with each rank on its half of the
-batch. Both grow at step 3 (one layer, zero init) and step 5 (one layer, masked init, ramping over
-2 steps). Rank 0 writes both loss curves, the ranks' fingerprints and whether the grown sharded
-model equals the whole one to a JSON file named by the first argument.
+batch. Both grow at step 3 (one layer, zero init), step 5 (one layer, masked init, ramping over
+2 steps), step 8 (every layer's FFN 1.5x, zero init) and step 10 (2 more query heads in layers 0
+and 2, zero init), with the growth probe before and after each step. Rank 0 writes both loss
+curves and growth records, the ranks' fingerprints and whether the grown sharded model equals the
+whole one to a JSON file named by the first argument.
 """
 
+import functools
 import json
 import sys
 
@@ -18,8 +21,18 @@ from arbor.growth.step import GrowthStep
 from arbor.training import distributed, sharding
 from arbor_plugins.growth import GrowthError
 
-STEPS, GROW = 8, {3: {"axis": "depth", "num_layers": 1, "init": "zero"},
-                  5: {"axis": "depth", "num_layers": 1, "init": "masked", "init_settings": {"ramp_steps": 2}}}
+STEPS, GROW = 12, {3: {"axis": "depth", "num_layers": 1, "init": "zero"},
+                   5: {"axis": "depth", "num_layers": 1, "init": "masked", "init_settings": {"ramp_steps": 2}},
+                   8: {"axis": "ffn", "factor": 1.5, "init": "zero"},
+                   10: {"axis": "heads", "add": 2, "layers": [0, 2], "init": "zero"}}
+
+
+@torch.no_grad()
+def probe_loss(model, batch) -> float:
+    model.eval()
+    loss = model(batch, labels=batch).loss.item()
+    model.train()
+    return loss
 
 
 def run(shard: bool):
@@ -31,15 +44,20 @@ def run(shard: bool):
         sharding.shard_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = torch.randint(0, 64, (STEPS, 8, 16), generator=torch.Generator().manual_seed(1))
-    grow, losses = GrowthStep(), []
+    grow, losses, records = GrowthStep(), [], []
     rank, world = dist.get_rank(), dist.get_world_size()
     for step in range(STEPS):
         if step in GROW:
             torch.manual_seed(100 + step)  # every rank, and both runs, draw the same new layer
+            probe = functools.partial(probe_loss, model, data[0])
             if shard:
-                sharding.grow_sharded(grow, model, GROW[step], optimizer=optimizer)
+                result = sharding.grow_sharded(grow, model, GROW[step], optimizer=optimizer, probe=probe)
+                model.reshard()  # what the probe's forward left gathered
             else:
-                grow(model, GROW[step], optimizer=optimizer)
+                result = grow(model, GROW[step], optimizer=optimizer, probe=probe)
+            records.append({k: result.record[k] for k in ("axis", "positions", "exact", "params_before", "params",
+                                                          "new_parameters")}
+                           | {"same_loss": abs(result.record["loss_after"] - result.record["loss_before"]) < 1e-5})
         batch = data[step]
         if shard:
             batch = batch[rank * 8 // world:(rank + 1) * 8 // world]
@@ -52,16 +70,16 @@ def run(shard: bool):
             dist.all_reduce(loss)
             loss = loss / world
         losses.append(loss.item())
-    return model, losses
+    return model, losses, records
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    whole, whole_losses = run(shard=False)
-    sharded, sharded_losses = run(shard=True)
+    whole, whole_losses, whole_records = run(shard=False)
+    sharded, sharded_losses, sharded_records = run(shard=True)
     params = sum(p.numel() for p in sharded.parameters())
     try:
-        sharding.grow_sharded(GrowthStep(), sharded, {"axis": "ffn", "factor": 2.0})
+        sharding.grow_sharded(GrowthStep(), sharded, {"axis": "hidden", "factor": 2.0})
         refused = None
     except GrowthError as exc:
         refused = str(exc)
@@ -75,6 +93,12 @@ if __name__ == "__main__":
     diff = max(float((full[n] - plain[n]).detach().abs().max()) for n in plain) if same_names else None
     if ranks.main:
         json.dump({"whole": whole_losses, "sharded": sharded_losses, "fingerprints": prints,
+                   "whole_records": whole_records, "sharded_records": sharded_records,
+                   "config": {k: getattr(sharded.config, k) for k in ("layer_intermediate_sizes", "intermediate_size",
+                                                                      "layer_num_attention_heads")},
+                   "whole_config": {k: getattr(whole.config, k) for k in ("layer_intermediate_sizes",
+                                                                          "intermediate_size",
+                                                                          "layer_num_attention_heads")},
                    "same_names": same_names, "max_weight_diff": diff,
                    "layers": sharded.config.num_hidden_layers, "refused": refused, "unchanged": unchanged,
                    "units": len(sharded._get_fsdp_state()._state_ctx.all_states),

@@ -195,16 +195,6 @@ def test_fingerprints_tell_models_apart():
     assert issubclass(RanksDiverged, RuntimeError)
 
 
-def test_fsdp_refuses_a_width_step_at_the_start(runs, tmp_path, capsys):
-    from arbor.cli import main
-
-    work, _, _ = runs
-    (tmp_path / "run.toml").write_text((work / "run.toml").read_text().replace("data.txt", str(work / "data.txt")))
-    assert main(["train", str(tmp_path / "run.toml"), "--parallel", "fsdp", "--out", str(tmp_path / "run")]) == 2
-    assert "a step on axis='ffn' cannot run on a model sharded by FSDP2" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 def test_two_nodes_on_one_machine_train_as_two_processes(runs):
     # How a cluster is reached: two torchrun agents (one per "node") meet through a c10d rendezvous.
     work, _, _ = runs

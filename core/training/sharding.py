@@ -12,13 +12,20 @@ The new layers are then sharded with the mesh of the others, the optimizer is ha
 sharded parameters (with any state the init gave them, sharded the same way), and the root is
 told to take in the new units at its next forward.
 
-Width steps (FFN, heads, hidden) resize the tensors of existing layers, which needs each
-resized layer gathered, grown and sharded again, with its optimizer state; that is not built,
-and `grow_sharded` refuses them with a `GrowthError` before anything changes.
+A width step of the layers (FFN, heads) resizes the tensors of existing layers. It runs one
+layer at a time: the layer is gathered whole (its parameters and optimizer moments, as an
+ordinary module in place of its FSDP unit), the step is taken on that layer alone (the same
+transaction, the same absolute target), and the grown layer is sharded again before the next is
+gathered; so no rank holds more than one whole layer beyond its shards. The probe runs once
+before the first layer and once after the last, and the layers' records are merged into one.
+Hidden-size steps resize the embeddings and every layer at once and are refused with a
+`GrowthError` before anything changes, as are inits that copy layers (`COPYING_INITS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -28,15 +35,17 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from arbor.compat import copy_checkpointing
 from arbor.growth.optim import rebind
 from arbor.growth.step import GrowthResult, GrowthStep
-from arbor_plugins.growth import GrowthError, GrowthSpec
+from arbor_plugins.growth import GrowthError, GrowthEvent, GrowthSpec
 
 __all__ = ["SHARDED_AXES", "check_growth_settings", "full_model_state", "full_optimizer_state", "grow_sharded", "is_sharded", "mesh_of",
            "refresh_root", "shard_model", "shard_optimizer_state"]
 
-#: The growth axes `grow_sharded` takes.
-SHARDED_AXES = ("depth",)
+#: The growth axes `grow_sharded` takes; width axes one layer at a time.
+SHARDED_AXES = ("depth", "ffn", "heads")
+WIDTH_AXES = ("ffn", "heads")
 #: Depth inits `grow_sharded` refuses: they copy existing layers (``copy.deepcopy``), which FSDP2,
 #: holding only a shard of each, does not allow.
 COPYING_INITS = ("stack", "copy-neighbor")
@@ -193,4 +202,92 @@ def grow_sharded(growth_step: GrowthStep, model: torch.nn.Module, spec: dict | G
             _shard_new_layer(model.model.layers[index], mesh, optimizer, options or {})
         refresh_root(model)
 
+    if resolved.axis in WIDTH_AXES:
+        return _grow_width(growth_step, model, resolved, mesh, optimizer, options or {}, kwargs)
     return growth_step(model, resolved, optimizer=optimizer, prepare=shard_new_layers, **kwargs)
+
+
+def _gather_layer(model: torch.nn.Module, index: int, optimizer) -> None:
+    """Put an unsharded layer in the place of sharded layer ``index``, with its optimizer state whole.
+
+    The new layer holds the old one's own submodules (with whatever hooks and state plugins gave
+    them, such as a masked init's ramps), their parameters gathered whole.
+    """
+    old = model.model.layers[index]
+    with torch.device("meta"):
+        whole = model.model.layer_class(model.config, index)
+    for name, child in list(old.named_children()):
+        setattr(whole, name, child)
+    copy_checkpointing(old, [whole])
+    with torch.no_grad():
+        for name, p in list(whole.named_parameters()):
+            owner_name, _, attr = name.rpartition(".")
+            q = torch.nn.Parameter(p.full_tensor() if isinstance(p, DTensor) else p, requires_grad=p.requires_grad)
+            setattr(whole.get_submodule(owner_name), attr, q)
+            if optimizer is None:
+                continue
+            state = optimizer.state.pop(p, None)
+            rebind(optimizer, p, q)
+            if state is not None:
+                optimizer.state[q] = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    left = [n for n, t in [*whole.named_parameters(), *whole.named_buffers()] if t.is_meta]
+    if left:
+        raise GrowthError(f"layer {index} cannot be gathered for a width step: {left[:3]} are not the layer's "
+                          "submodules' tensors")
+    model.model.layers[index] = whole
+
+
+def _grow_width(growth_step: GrowthStep, model, resolved: GrowthSpec, mesh: DeviceMesh, optimizer, options: dict,
+                kwargs: dict[str, Any]) -> GrowthResult:
+    """A width step on a sharded model: gather, grow and shard again one layer at a time (see the module doc)."""
+    op = growth_step.operation(model, resolved)
+    indices = list(op.layers) if op.layers is not None else list(range(len(model.model.layers)))
+    kwargs = dict(kwargs)
+    probe, trigger = kwargs.pop("probe", None), kwargs.pop("trigger", None)
+    before = probe() if probe is not None else None  # on the sharded model, before any layer is gathered
+    results = []
+    for k, index in enumerate(indices):
+        last = k == len(indices) - 1
+        answers = [None, probe]  # the last layer's step: no probe before it (taken above), the real one after
+
+        def probe_once(answers=answers):
+            value = answers.pop(0)
+            return value() if callable(value) else value
+
+        _gather_layer(model, index, optimizer)
+
+        def shard_again(model, event, index=index) -> None:
+            _shard_new_layer(model.model.layers[index], mesh, optimizer, options)
+            refresh_root(model)
+
+        results.append(growth_step(model, dataclasses.replace(op, layers=[index]), optimizer=optimizer,
+                                   probe=probe_once if last and probe is not None else None, prepare=shard_again,
+                                   **kwargs))
+    if op.layers is None:  # what the operator records for an all-layers step, which it now saw layer by layer
+        config = model.config
+        if op.axis == "ffn":
+            config.intermediate_size = max(config.intermediate_size, op.target)
+        else:
+            config.num_attention_heads = max(config.num_attention_heads, op.target)
+            if op.kv_target is not None:
+                config.num_key_value_heads = max(config.num_key_value_heads, op.kv_target)
+            if config.num_attention_heads % config.num_key_value_heads:
+                config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
+    event = GrowthEvent(axis=op.axis, layers=[i for r in results for i in r.event.layers])
+    for r in results:
+        for name in ("old_shapes", "new_shapes", "resized", "renamed"):
+            getattr(event, name).update(getattr(r.event, name))
+        event.new_parameters.extend(r.event.new_parameters)
+    event.init, event.reason = results[-1].event.init, results[-1].event.reason
+    event.exact = all(r.event.exact for r in results)
+    record = dict(results[-1].record)
+    after = record["loss_after"]
+    record.update(spec=resolved.model_dump(exclude_unset=True), positions=list(event.layers), exact=event.exact,
+                  new_parameters=len(event.new_parameters), loss_before=before,
+                  seconds=sum(r.record["seconds"] for r in results),
+                  params_before=results[0].record["params_before"], layers_before=results[0].record["layers_before"])
+    if event.exact and before is not None and after is not None and not growth_step.same_loss(before, after):
+        record["exact"], record["claimed_exact"] = False, True
+    if trigger is not None:
+        trigger.grew(kwargs.get("step"), kwargs.get("tokens"), model, event)
+    return GrowthResult(event, record)
