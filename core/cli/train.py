@@ -252,7 +252,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "in each (the same as `torchrun --nproc-per-node N -m arbor train ...`)")
     p.add_argument("--parallel", default="ddp", metavar="MODE",
                    help="how several processes share the work: ddp, each holds the whole model (default); fsdp, "
-                        "the model and optimizer state are sharded over them (FSDP2; depth growth only)")
+                        "the model and optimizer state are sharded over them (FSDP2; no hidden-size growth)")
     p.add_argument("--check", action="store_true",
                    help="only check the settings (all problems at once) and print the resolved run")
 

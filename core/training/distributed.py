@@ -45,7 +45,7 @@ __all__ = ["PARALLEL", "Ranks", "RanksDiverged", "barrier", "check_batch_size", 
            "digest", "find_wrapper", "finish", "fingerprint", "init", "mean", "rewrap", "shard"]
 
 #: What ``--parallel`` may name: ``ddp``, every rank holds the whole model; ``fsdp``, the model is
-#: sharded over the ranks by FSDP2 (`arbor.training.sharding`; depth growth only).
+#: sharded over the ranks by FSDP2 (`arbor.training.sharding`; no hidden-size growth).
 PARALLEL = ("ddp", "fsdp")
 
 
