@@ -89,6 +89,8 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
         from arbor.training.checkpointing import save_checkpoint
         m = ArborForCausalLM(ArborConfig.from_preset("tiny", vocab_size=48))
         class SlowTokenizer:
+            model_max_length = 512
+
             def save_pretrained(self, path):
                 print("writing", flush=True)
                 time.sleep(60)
