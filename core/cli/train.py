@@ -66,6 +66,37 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+#: Recipes written as TOML files (``NAME.toml``: settings as in a config file, plus a ``[recipe]`` table
+#: with its ``description`` and, optionally, ``extends = "OTHER"``, a recipe whose settings it starts from).
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Every name ``--recipe`` takes: the built-in ones, then the TOML files of `RECIPE_DIR`."""
+    files = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+    return [*RECIPES, *(name for name in files if name not in RECIPES)]
+
+
+def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of recipe ``name`` (a built-in one, or ``RECIPE_DIR/NAME.toml`` merged onto what it extends)."""
+    if name in RECIPES:
+        return copy.deepcopy(RECIPES[name])
+    file = RECIPE_DIR / f"{name}.toml"
+    if not file.is_file():
+        raise ValueError(f"--recipe {name!r} is unknown; allowed: {', '.join(recipe_names())}")
+    data = tomllib.loads(file.read_text(encoding="utf-8"))
+    about = data.pop("recipe", {})
+    unknown = sorted(set(about) - {"description", "extends"})
+    if unknown:  # a setting written below [recipe] in the file lands in that table
+        raise ValueError(f"recipe {file}: [recipe].{unknown[0]} is not a recipe key (description, extends); "
+                         "settings go above the [recipe] table")
+    base = about.get("extends")
+    if base is None:
+        return data
+    if base in (*_seen, name):
+        raise ValueError(f"--recipe {name}: recipes extend each other in a cycle ({' -> '.join((*_seen, name, base))})")
+    return _merge(load_recipe(base, (*_seen, name)), data)
+
 
 def _parse_value(text: str) -> Any:
     """A ``--set`` value: JSON (numbers, booleans, lists, tables) when it parses, else the string."""
@@ -150,9 +181,7 @@ def resume_config(saved: dict[str, Any], args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
-    if args.recipe not in RECIPES:
-        raise ValueError(f"--recipe {args.recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
-    data = copy.deepcopy(RECIPES[args.recipe])
+    data = load_recipe(args.recipe)
     if args.config:
         # A file may use the Arbor card's keys (model.num_layers, growth.layer_growth_*): read as arbor's.
         card = translate_card_keys(read_config_file(args.config))
@@ -234,7 +263,7 @@ def build_model(config, tokenizer, selection=None):
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", metavar="CONFIG", help="a TOML or YAML file of training settings")
-    p.add_argument("--recipe", default="default", help=f"a ready-made run: {', '.join(RECIPES)} (default: default)")
+    p.add_argument("--recipe", default="default", help=f"a ready-made run: {', '.join(recipe_names())} (default: default)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set lr=1e-3 --set model.preset=tiny (repeatable)")
     p.add_argument("--plugins", metavar="PATH", help="plugins.toml choosing trigger, policies, init scheme "

@@ -54,7 +54,8 @@ import torch
 from arbor.growth.optim import _base_group_index, drop_frozen_state
 from arbor.plugins import call_hook
 
-__all__ = ["SELECTOR_FORMS", "FreezableMixin", "FreezeError", "freeze", "select_parameters", "unfreeze"]
+__all__ = ["SELECTOR_FORMS", "FreezableMixin", "FreezeError", "freeze", "parse_selector", "select_parameters",
+           "unfreeze"]
 
 #: The string selector grammar, quoted in every parse error.
 SELECTOR_FORMS = (
@@ -142,6 +143,12 @@ def _parse(selector: Any, n: int) -> dict[str, Any]:
             raise bad(f"layer {b} is out of range; the model has {n} layers, indices 0 to {n - 1}")
         indices.extend(range(a, b + 1))
     return {"layers": indices}
+
+
+def parse_selector(selector: Any, num_layers: int) -> dict[str, Any]:
+    """Check one string selector against a model of ``num_layers`` layers; returns the keywords it
+    stands for (`select_parameters`'), or raises `FreezeError` quoting the grammar."""
+    return _parse(selector, num_layers)
 
 
 def select_parameters(

@@ -154,6 +154,32 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_c
         except ValidationError as exc:
             settings_path = path.replace("trigger", "trigger_settings").replace("freeze_policy", "freeze_settings")
             problems.append(describe_validation_error(exc, prefix=settings_path))
+    if g.stages is not None:
+        problems += _check_stages(g, trigger if g.enabled else None, trigger_settings, resolved)
+    return problems
+
+
+def _check_stages(g: Any, trigger: str | None, trigger_settings: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """Each stage's freeze policy and settings; a schedule has one stage more than it has growth steps."""
+    problems, registry = [], get_registry()
+    for k, stage in enumerate(g.stages):
+        if stage.freeze_policy is None:
+            continue
+        path = f"growth.stages.{k}"
+        if not registry.has("freeze_policy", stage.freeze_policy):
+            valid = ", ".join(registry.names("freeze_policy")) or "none are installed"
+            problems.append(f"{path}.freeze_policy={stage.freeze_policy!r}: not a registered freeze policy; "
+                            f"valid names: {valid}")
+            continue
+        try:
+            registry.get("freeze_policy", stage.freeze_policy).validate_settings(stage.freeze_settings)
+        except ValidationError as exc:
+            problems.append(describe_validation_error(exc, prefix=f"{path}.freeze_settings"))
+    resolved["freeze_policy"] = "per stage: " + ", ".join(stage.freeze_policy or "-" for stage in g.stages)
+    marks = (trigger_settings.get("steps") or trigger_settings.get("tokens")) if trigger == "schedule" else None
+    if isinstance(marks, list) and len(g.stages) != len(marks) + 1:
+        problems.append(f"growth.stages: {len(g.stages)} stages for a schedule of {len(marks)} growth steps; give "
+                        f"{len(marks) + 1}, one from the start of the run and one from each growth step")
     return problems
 
 

@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -59,6 +59,14 @@ from arbor.training.data import (
 )
 from arbor.training.distributed import Ranks, shard
 from arbor.training.flops import FlopCounter
+from arbor.training.stages import (
+    StageSettings,
+    apply_stage_selectors,
+    check_stages,
+    describe_stage,
+    stage_label,
+    trainable_parts,
+)
 from arbor.training.tokenizer import encode
 from arbor_plugins import DEFAULTS, Decision, TriggerState
 
@@ -87,12 +95,23 @@ class GrowthSettings(_Strict):
     insertion_policy: str | None = None
     freeze_policy: str | None = None
     freeze_settings: dict[str, Any] = Field(default_factory=dict)
+    #: What trains in each stage (`arbor.training.stages`): the first entry from the start of the run,
+    #: entry k from the k-th growth step on (the last for any later step); each names its freeze policy,
+    #: in place of ``freeze_policy``, and train / freeze selectors.
+    stages: list[StageSettings] | None = None
     new_param_lr_multiplier: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     #: What a step whose init claims exactness but moves the probe loss by more than
     #: ``exact_tolerance`` (relative) does: "warn" logs it as not exact, "error" stops the run.
     exactness: Literal["warn", "error"] = "warn"
     exact_tolerance: float = Field(1e-4, gt=0)
+
+    @field_validator("stages")
+    @classmethod
+    def _check_stages(cls, stages, info: ValidationInfo):
+        if stages is not None:
+            check_stages(stages, info.data.get("freeze_policy"), info.data.get("freeze_settings"))
+        return stages
 
 
 class TrainConfig(_Strict):
@@ -267,6 +286,11 @@ class Trainer:
         else:
             self.trigger_name, self.trigger = None, GrowthOff()
         freeze_policy, freeze_settings = self._component("freeze_policy", g.freeze_policy, g.freeze_settings)
+        #: (freeze policy, its settings) of each stage of ``growth.stages``; None: one policy for every step.
+        self.stage_policies = None if g.stages is None else [
+            self._component("freeze_policy", stage.freeze_policy, stage.freeze_settings) if stage.freeze_policy
+            else (None, None) for stage in g.stages]
+        self._stage_begun = False
         # bf16 autocast rounds differently once shapes change, even for a function-preserving step.
         tolerance = max(g.exact_tolerance, 1e-2 if self.config.bf16 else 0.0)
         self.growth_step = GrowthStep(plugins=self.selection, init=g.init, insertion_policy=g.insertion_policy,
@@ -377,6 +401,10 @@ class Trainer:
         """Take one growth step now; returns the record written to ``metrics.jsonl``."""
         # A sharded model grows through `sharding.grow_sharded`: the same transaction, then the new
         # layers are sharded like the others.
+        stage = None
+        if self.stage_policies is not None:  # the step begins the next stage, with that stage's policy
+            stage = self.stage(len(self.history) + 1)
+            self.growth_step.freeze_policy, self.growth_step.freeze_settings = self.stage_policies[stage]
         grow = functools.partial(sharding.grow_sharded, self.growth_step) if self.sharded else self.growth_step
         result = grow(self.model, decision.growth, optimizer=self.optimizer, probe=self._probe_loss,
                       reason=decision.reason, step=self.step, tokens=self.tokens, trigger=self.trigger,
@@ -401,6 +429,29 @@ class Trainer:
                 raise TrainingStopped(message.replace("; logged as not exact", "; stopped (growth.exactness=error)"))
             self.echo(f"warning: {message}")
         self.echo(describe_growth(record))
+        if stage is not None:  # also a step past the last stage: its policy ran, so its selectors run too
+            self.begin_stage(stage)
+        return record
+
+    def stage(self, growth_steps: int | None = None) -> int | None:
+        """The index in ``growth.stages`` of the stage after ``growth_steps`` growth steps (default: the
+        steps taken so far); None when the run has no stages."""
+        stages = self.config.growth.stages
+        if stages is None:
+            return None
+        return min(len(self.history) if growth_steps is None else growth_steps, len(stages) - 1)
+
+    def begin_stage(self, index: int) -> dict[str, Any]:
+        """Apply stage ``index``'s train / freeze selectors and log what trains now (the growth step that
+        begins a stage has applied its freeze policy already)."""
+        stages = self.config.growth.stages
+        trained, frozen = apply_stage_selectors(self.model, stages[index], self.optimizer)
+        record = {"event": "stage", "step": self.step, "tokens": self.tokens, "stage": index,
+                  "name": stage_label(stages, index), "stages": len(stages), "unfrozen_now": len(trained),
+                  "frozen_now": len(frozen), **trainable_parts(self.model)}
+        self._stage_begun = True
+        self._log(record)
+        self.echo(describe_stage(record))
         return record
 
     def num_parameters(self) -> int:
@@ -448,6 +499,8 @@ class Trainer:
 
             bar = tqdm(total=c.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
             self.echo = bar.write
+        if self.config.growth.stages is not None and self.step == 0 and not self.history and not self._stage_begun:
+            self.begin_stage(0)  # a new run: the first stage (a resumed one is in its stage already)
         window_tokens, window_start, window_losses, last_loss = 0, time.perf_counter(), [], float("nan")
         while self.step < stop:
             tokens_before = self.tokens
@@ -463,6 +516,8 @@ class Trainer:
                           "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "params": self.num_parameters(), "layers": self.model.config.num_hidden_layers,
                           "flops": self.flops.total}
+                if self.config.growth.stages is not None:
+                    record["stage"] = stage_label(self.config.growth.stages, self.stage())
                 for key, value in self.trigger.report(self.step, self.tokens, self.model).items():
                     record.setdefault(key, value)  # the trigger's figures (per-layer utilization), never in place of ours
                 self._log(record)

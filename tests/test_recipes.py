@@ -1,0 +1,165 @@
+"""Recipes named after the source models' cards, and the per-stage freezing they run on.
+
+The tiny variant of each recipe runs end to end; between the checkpoints at its stage boundaries
+the parameters a stage trains change and every other one stays bitwise equal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from arbor.cli import main
+from arbor.cli.train import RECIPES, load_recipe, recipe_names
+from arbor.training.trainer import TrainConfig
+
+TINY = "pgt-unfrozen-1-9-tiny"
+#: Checkpoints every 4 steps of the tiny recipe's 24: stage A is steps 1-8, B 9-16, C 17-24.
+EVERY_4 = ["--set", "save_interval=4", "--set", "keep_checkpoints=10", "--set", "sample_tokens=0"]
+
+
+def _run(out, *extra):
+    assert main(["train", "--recipe", TINY, "--out", str(out), "--no-progress", *EVERY_4, *extra]) == 0
+
+
+def _weights(run, step):
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def _parts(names):
+    """Parameter names grouped as embeddings / layer i / norm / lm_head."""
+    out = {}
+    for name in names:
+        if name.startswith("model.layers."):
+            key = f"layer{name.split('.')[2]}"
+        elif name.startswith("model.embed_tokens"):
+            key = "embeddings"
+        elif name.startswith("model.norm"):
+            key = "norm"
+        else:
+            key = "lm_head"
+        out.setdefault(key, []).append(name)
+    return out
+
+
+def _changed(before, after):
+    """Which parts changed between two checkpoints (of the parts the earlier one has); every part
+    is either wholly changed or bitwise equal, so a part half-trained fails here."""
+    changed, same = set(), set()
+    for part, names in _parts(before).items():
+        flags = {name: not before[name].equal(after[name]) for name in names}
+        matrices = [name for name in names if before[name].ndim >= 2]
+        if any(flags.values()):
+            assert all(flags[n] for n in matrices), f"{part}: only some matrices changed: {flags}"
+            changed.add(part)
+        else:
+            same.add(part)
+    return changed, same
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    _run(root / "tied")
+    _run(root / "untied", "--set", "model.tie_word_embeddings=false")
+    return root
+
+
+def _layers(indices):
+    return {f"layer{i}" for i in indices}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_pgt_unfrozen_trains_what_each_stage_says(runs, tied):
+    run = runs / ("tied" if tied else "untied")
+    w = {step: _weights(run, step) for step in (4, 8, 12, 16, 20, 24)}
+    head = set() if tied else {"lm_head"}
+    assert ("lm_head.weight" in w[4]) is not tied
+    # Stage A (steps 1-8): layers 0-2, the embeddings, the final norm and the head all train.
+    changed, same = _changed(w[4], w[8])
+    assert changed == _layers(range(3)) | {"embeddings", "norm"} | head and not same
+    # Stage B (steps 9-16): the new layers 3-5, the final norm and (untied) the head; the rest is bitwise equal.
+    for a, b in ((8, 12), (12, 16)):
+        changed, same = _changed(w[a], w[b])
+        assert changed == _layers(range(3, 6)) | {"norm"} | head
+        assert same == _layers(range(3)) | {"embeddings"}
+    # Stage C (steps 17-24): layers 6-8, the final norm and (untied) the head.
+    for a, b in ((16, 20), (20, 24)):
+        changed, same = _changed(w[a], w[b])
+        assert changed == _layers(range(6, 9)) | {"norm"} | head
+        assert same == _layers(range(6)) | {"embeddings"}
+    assert all(w[8][name].equal(w[24][name]) for name in _parts(w[8]).get("embeddings", []))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_pgt_unfrozen_logs_its_stages(runs, tied):
+    run = runs / ("tied" if tied else "untied")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r for r in records if r.get("event") == "stage"]
+    head = [] if tied else ["lm_head"]
+    assert [(r["step"], r["name"], r["tied"]) for r in stages] == [(0, "A", tied), (8, "B", tied), (16, "C", tied)]
+    assert stages[0]["trainable"] == ["embeddings", "layers:0-2", "norm", "lm_head"] and stages[0]["frozen"] == []
+    assert stages[1]["trainable"] == ["layers:3-5", "norm", *head]
+    assert stages[1]["frozen"] == ["embeddings", "layers:0-2", *(["lm_head"] if tied else [])]
+    assert stages[2]["trainable"] == ["layers:6-8", "norm", *head]
+    assert [r["layers"] for r in records if r.get("event") == "growth"] == [6, 9]
+    steps = {r["step"]: r["stage"] for r in records if "loss" in r and "event" not in r}
+    assert steps[4] == "A" and steps[12] == "B" and steps[24] == "C"
+
+
+def test_resume_in_stage_b_continues_with_stage_b(runs, tmp_path, capsys):
+    """Resumed at step 12 (the middle of stage B), the run ends bitwise equal to the uninterrupted one."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "tied", run)
+    for step in (16, 20, 24):
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "stage C (3/3)" in out and "stage A" not in out and "stage B" not in out
+    resumed, whole = _weights(run, 16), _weights(runs / "tied", 16)
+    assert all(resumed[name].equal(whole[name]) for name in whole)  # stage B's freezing held after resume
+    resumed, whole = _weights(run, 24), _weights(runs / "tied", 24)
+    assert all(resumed[name].equal(whole[name]) for name in whole)
+    state = json.loads((run / "checkpoints" / "step-00000016" / "trainer_state.json").read_text())
+    assert "model.embed_tokens.weight" in state["frozen"] and "model.layers.2.mlp.up_proj.weight" in state["frozen"]
+
+
+def test_recipe_files_are_recipes():
+    assert {"default", "pgt", "arbor", "pgt-unfrozen-1-9", TINY} <= set(recipe_names())
+    assert list(recipe_names())[: len(RECIPES)] == list(RECIPES)
+    full = TrainConfig.model_validate(load_recipe("pgt-unfrozen-1-9"))
+    assert full.model["preset"] == "pgt-9" and [s.name for s in full.growth.stages] == ["A", "B", "C"]
+    tiny = TrainConfig.model_validate(load_recipe(TINY))  # extends the full recipe: the same stages
+    assert tiny.growth.stages == full.growth.stages and tiny.model["preset"] == "tiny" and tiny.max_steps == 24
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["growth.stages=[]"], "growth.stages: is empty"),
+    (['growth.stages=[{"freeze_policy": "freeze-below"}]'], "the first stage has freeze_policy='freeze-below'"),
+    (['growth.stages=[{}, {"freeze": ["layerz:1"]}]'], "growth.stages.1.freeze: selector 'layerz:1' is invalid"),
+    (['growth.stages=[{}, {"freeze_settings": {"train_norm": false}}]'], "no freeze_policy"),
+    (['growth.stages=[{}, {"colour": 1}]'], "growth.stages.1.colour: unknown setting"),
+    (['growth.stages=[{}, {"freeze_policy": "freeze-abov"}, {}]'],
+     "growth.stages.1.freeze_policy='freeze-abov': not a registered freeze policy"),
+    (['growth.stages=[{}, {"freeze_policy": "freeze-below", "freeze_settings": {"train_nrm": 1}}, {}]'],
+     "growth.stages.1.freeze_settings.train_nrm"),
+    (['growth.stages=[{}, {}]'], "growth.stages: 2 stages for a schedule of 2 growth steps; give 3"),
+    (["growth.freeze_policy=none"], "cannot be used with growth.freeze_policy"),
+])
+def test_bad_stage_settings_are_one_line_naming_the_field(tmp_path, capsys, settings, message):
+    argv = ["train", "--recipe", TINY, "--out", str(tmp_path / "run"), "--check"]
+    for setting in settings:
+        argv += ["--set", setting]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unknown_recipe_lists_the_files_too(tmp_path, capsys):
+    assert main(["train", "--recipe", "pgt-unfrozen", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe 'pgt-unfrozen' is unknown" in err and TINY in err
