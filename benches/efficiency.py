@@ -343,15 +343,20 @@ def run_settings(args, final: dict[str, Any]) -> dict[str, Any]:
     return {**{k: getattr(args, k) for k in SCRATCH_SETTINGS}, "final_model": final}
 
 
-def recorded_scratch(path: str, settings: dict[str, Any]) -> list[Recorded]:
-    """The scratch runs of the report at ``path``, if it was made with ``settings``; else ValueError."""
+def read_json(path: str, flag: str) -> Any:
+    """The JSON file ``path`` that option ``flag`` names; a missing or malformed file is a ValueError."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--scratch-from {path}: no such file")
+        raise ValueError(f"{flag} {path}: no such file")
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--scratch-from {path}: not valid JSON ({exc})") from None
+        raise ValueError(f"{flag} {path}: not valid JSON ({exc})") from None
+
+
+def recorded_scratch(path: str, settings: dict[str, Any]) -> list[Recorded]:
+    """The scratch runs of the report at ``path``, if it was made with ``settings``; else ValueError."""
+    report = read_json(path, "--scratch-from")
     saved = report.get("settings") if isinstance(report, dict) else None
     if not isinstance(saved, dict) or report.get("partial"):
         raise ValueError(f"--scratch-from {path}: not a finished report of this benchmark (no settings recorded)")
@@ -368,13 +373,7 @@ def recorded_scratch(path: str, settings: dict[str, Any]) -> list[Recorded]:
 
 def load_schedules(text: str) -> dict[str, dict[str, Any]]:
     if text.endswith(".json") or Path(text).is_file():
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"--schedules {text}: no such file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--schedules {text}: not valid JSON ({exc})") from None
+        data = read_json(text, "--schedules")
         if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError(f"--schedules {text}: expected an object of named schedules")
         for name, schedule in data.items():
