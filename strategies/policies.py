@@ -119,6 +119,8 @@ class LoraBelow(FreezePolicy):
         tied = model.lm_head.weight is getattr(model.model.embed_tokens, "weight", None)
         if settings.freeze_embeddings and not tied:
             model.freeze("embeddings", optimizer=optimizer)
+        if old:  # all of an older layer freezes (its norms too); its projections then learn through adapters
+            model.freeze(f"layers:{','.join(map(str, old))}", optimizer=optimizer)
         add_lora(model, old, r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
                  targets=tuple(settings.targets), optimizer=optimizer)
         after = {n.replace(".base_layer.", "."): p.requires_grad for n, p in model.named_parameters()}

@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from arbor.cli import main
@@ -21,8 +22,8 @@ TINY = "pgt-unfrozen-1-9-tiny"
 EVERY_4 = ["--set", "save_interval=4", "--set", "keep_checkpoints=10", "--set", "sample_tokens=0"]
 
 
-def _run(out, *extra):
-    assert main(["train", "--recipe", TINY, "--out", str(out), "--no-progress", *EVERY_4, *extra]) == 0
+def _run(out, *extra, recipe=TINY):
+    assert main(["train", "--recipe", recipe, "--out", str(out), "--no-progress", *EVERY_4, *extra]) == 0
 
 
 def _weights(run, step):
@@ -128,8 +129,105 @@ def test_resume_in_stage_b_continues_with_stage_b(runs, tmp_path, capsys):
     assert "model.embed_tokens.weight" in state["frozen"] and "model.layers.2.mlp.up_proj.weight" in state["frozen"]
 
 
+# ------------------------------------------------------------ frozen substrates: 16-bit and glyphs
+@pytest.mark.parametrize("recipe", ["pgt-16bit-1-9-tiny", "pgt-unicode-1-9-tiny"])
+def test_tiny_pgt_on_a_frozen_substrate_trains_what_each_stage_says(tmp_path, recipe):
+    """The substrate never trains (it is not even saved as a weight); the untied head trains throughout."""
+    _run(tmp_path / "run", recipe=recipe)
+    run = tmp_path / "run"
+    w = {step: _weights(run, step) for step in (4, 8, 12, 16, 20, 24)}
+    assert "embeddings" not in _parts(w[24]) and (run / "checkpoints" / "step-00000024" / "substrate.safetensors").is_file()
+    changed, same = _changed(w[4], w[8])
+    assert changed == _layers(range(3)) | {"norm", "lm_head"} and not same
+    for a, b in ((8, 12), (12, 16)):
+        assert _changed(w[a], w[b]) == (_layers(range(3, 6)) | {"norm", "lm_head"}, _layers(range(3)))
+    for a, b in ((16, 20), (20, 24)):
+        assert _changed(w[a], w[b]) == (_layers(range(6, 9)) | {"norm", "lm_head"}, _layers(range(6)))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r for r in records if r.get("event") == "stage"]
+    substrate = "binary" if "16bit" in recipe else "unicode-glyphs"
+    assert json.loads((run / "checkpoints" / "step-00000024" / "config.json").read_text())["substrate"] == substrate
+    assert [(r["name"], r["trainable"], r["frozen"]) for r in stages] == [
+        ("A", ["layers:0-2", "norm", "lm_head"], ["embeddings"]),
+        ("B", ["layers:3-5", "norm", "lm_head"], ["embeddings", "layers:0-2"]),
+        ("C", ["layers:6-8", "norm", "lm_head"], ["embeddings", "layers:0-5"])]
+
+
+# ------------------------------------------------------------------- abs-bvv: one layer at a time, then LoRA
+ABS = "abs-bvv-tiny"
+LORA = "arbor_strategies.lora-below"
+
+
+@pytest.fixture(scope="module")
+def abs_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("abs") / "run"
+    _run(run, "--set", "save_interval=2", "--set", "keep_checkpoints=20", recipe=ABS)
+    return run
+
+
+def _adapters(run, step):
+    """The checkpoint's LoRA tensors (unmerged base weights and adapters), by name."""
+    state = torch.load(run / "checkpoints" / f"step-{step:08d}" / "optimizer.pt", weights_only=False)
+    return state["components"][LORA]["tensors"] if LORA in state["components"] else {}
+
+
+def test_tiny_abs_bvv_grows_one_layer_at_a_time_then_through_lora(abs_run):
+    run = abs_run
+    w = {step: _weights(run, step) for step in range(4, 25, 4)}
+    # Stages A-D (steps 1-16): the newest layer, the final norm and the untied head train; older layers are frozen.
+    assert _changed(w[4], w[8]) == (_layers([1]) | {"norm", "lm_head"}, _layers([0]))
+    assert _changed(w[8], w[12]) == (_layers([2]) | {"norm", "lm_head"}, _layers(range(2)))
+    assert _changed(w[12], w[16]) == (_layers([3]) | {"norm", "lm_head"}, _layers(range(3)))
+    # Stage E (steps 17-20): layer 4 trains; layers 0-3 change only through their adapters.
+    changed, same = _changed(w[16], w[20])
+    assert changed == _layers(range(5)) | {"norm", "lm_head"} and not same
+    for a, b, old in ((16, 18, range(4)), (20, 22, range(5)), (22, 24, range(5))):
+        before, after = _adapters(run, a), _adapters(run, b)
+        bases = [n for n in before if ".base_layer." in n]
+        assert {int(n.split(".")[2]) for n in bases} == set(old)
+        assert all(before[n].equal(after[n]) for n in bases)  # the layers' own weights stay frozen
+        lora_b = [n for n in before if ".lora_B." in n]
+        assert len(lora_b) == 7 * len(old) and all(not before[n].equal(after[n]) for n in lora_b)
+        first, last = _weights(run, a), _weights(run, b)  # their norms are frozen: no adapters there
+        norms = [n for n in first if n.startswith(tuple(f"model.layers.{i}." for i in old)) and first[n].ndim == 1]
+        assert len(norms) == 2 * len(old) and all(first[n].equal(last[n]) for n in norms)
+    # Stage F begins by merging E's adapters into layers 0-3 and giving layers 0-4 fresh ones.
+    f = _adapters(run, 20)
+    assert all(f[n].equal(w[20][n.replace(".base_layer.", ".")]) for n in f if ".base_layer." in n)
+    assert all(not f[n].any() for n in f if ".lora_B." in n)
+    assert _changed(w[20], w[24]) == (_layers(range(6)) | {"norm", "lm_head"}, set())
+
+
+def test_tiny_abs_bvv_logs_six_stages(abs_run):
+    records = [json.loads(line) for line in (abs_run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r for r in records if r.get("event") == "stage"]
+    assert [(r["step"], r["name"]) for r in stages] == [(0, "A"), (4, "B"), (8, "C"), (12, "D"), (16, "E"), (20, "F")]
+    assert [r["trainable"] for r in stages[:4]] == [[f"layers:{i}", "norm", "lm_head"] for i in range(4)]
+    assert stages[3]["frozen"] == ["embeddings", "layers:0-2"] and stages[3]["partial"] == []
+    assert (stages[4]["trainable"], stages[4]["partial"]) == (["layers:4", "norm", "lm_head"], ["layers:0-3"])
+    assert (stages[5]["trainable"], stages[5]["partial"]) == (["layers:5", "norm", "lm_head"], ["layers:0-4"])
+    assert [r["layers"] for r in records if r.get("event") == "growth"] == [2, 3, 4, 5, 6]
+
+
+def test_resume_inside_a_lora_stage_matches_the_uninterrupted_run(abs_run, tmp_path, capsys):
+    """Resumed at step 18 (stage E, adapters half-trained), the run ends bitwise equal to the whole one."""
+    run = tmp_path / "run"
+    shutil.copytree(abs_run, run, ignore=lambda d, names: [n for n in names if n.startswith("step-")
+                                                            and int(n[5:]) > 18])
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "stage F (6/6)" in out and "stage E" not in out
+    for step in (20, 24):
+        resumed, whole = _weights(run, step), _weights(abs_run, step)
+        assert resumed.keys() == whole.keys() and all(resumed[n].equal(whole[n]) for n in whole)
+        resumed, whole = _adapters(run, step), _adapters(abs_run, step)
+        assert resumed.keys() == whole.keys() and all(resumed[n].equal(whole[n]) for n in whole)
+
+
 def test_recipe_files_are_recipes():
-    assert {"default", "pgt", "arbor", "pgt-unfrozen-1-9", TINY} <= set(recipe_names())
+    assert {"default", "pgt", "arbor", "pgt-unfrozen-1-9", TINY, "pgt-16bit-1-9", "pgt-unicode-1-9", "abs-bvv",
+            "abs-bvv-tiny"} <= set(recipe_names())
     assert list(recipe_names())[: len(RECIPES)] == list(RECIPES)
     full = TrainConfig.model_validate(load_recipe("pgt-unfrozen-1-9"))
     assert full.model["preset"] == "pgt-9" and [s.name for s in full.growth.stages] == ["A", "B", "C"]
