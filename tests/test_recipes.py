@@ -225,12 +225,36 @@ def test_resume_inside_a_lora_stage_matches_the_uninterrupted_run(abs_run, tmp_p
         assert resumed.keys() == whole.keys() and all(resumed[n].equal(whole[n]) for n in whole)
 
 
+# ------------------------------------------------------------------- arbor-500m-1b: the card's trigger
+def test_tiny_arbor_500m_1b_grows_at_the_middle_when_the_card_rule_says(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "arbor-500m-1b-tiny", "--out", str(run), "--no-progress",
+                 "--set", "sample_tokens=0"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    grew = [r for r in records if r.get("event") == "growth"]
+    assert [(r["layers_before"], r["layers"], r["positions"]) for r in grew] == [(2, 6, [1, 2, 3, 4]),
+                                                                              (6, 10, [3, 4, 5, 6])]
+    for r in grew:  # the card's rule, with the figures it decided on; exact
+        assert r["trigger"] == "utilization" and "above 0.92 capacity utilization" in r["reason"], r["reason"]
+        assert r["exact"] and r["loss_after"] == r["loss_before"]
+    assert grew[1]["step"] - grew[0]["step"] >= 12  # the cooldown, scaled from the card's 5,000 steps
+    logged = [r["utilization"] for r in records if "utilization" in r]  # per-layer figures in the log
+    assert logged and len(logged[-1]) == 10 and all(0 <= u <= 1 for u in logged[-1])
+    full = TrainConfig.model_validate(load_recipe("arbor-500m-1b"))
+    assert full.model == {"preset": "arbor-500m-1b"} and full.growth.insertion_policy == "middle"
+    assert (full.growth.trigger_settings, full.lr) == ({"threshold": 0.92, "fraction": 0.8, "cooldown": 5000,
+                                                        "num_layers": 4}, 2e-5)
+
+
 def test_recipe_files_are_recipes():
-    assert {"default", "pgt", "arbor", "pgt-unfrozen-1-9", TINY, "pgt-16bit-1-9", "pgt-unicode-1-9", "abs-bvv",
-            "abs-bvv-tiny"} <= set(recipe_names())
+    cards = {"pgt-unfrozen-1-9", "pgt-16bit-1-9", "pgt-unicode-1-9", "abs-bvv", "arbor-500m-1b"}
+    assert {"default", "pgt", "arbor", *cards, *(f"{name}-tiny" for name in cards)} <= set(recipe_names())
     assert list(recipe_names())[: len(RECIPES)] == list(RECIPES)
     full = TrainConfig.model_validate(load_recipe("pgt-unfrozen-1-9"))
     assert full.model["preset"] == "pgt-9" and [s.name for s in full.growth.stages] == ["A", "B", "C"]
+    pgt = TrainConfig.model_validate(load_recipe("pgt"))  # the built-in PGT recipe freezes as the card does
+    assert [s.model_dump(exclude={"name"}) for s in pgt.growth.stages] == \
+        [s.model_dump(exclude={"name"}) for s in full.growth.stages]
     tiny = TrainConfig.model_validate(load_recipe(TINY))  # extends the full recipe: the same stages
     assert tiny.growth.stages == full.growth.stages and tiny.model["preset"] == "tiny" and tiny.max_steps == 24
 

@@ -52,11 +52,13 @@ else:  # pragma: no cover - Python 3.10
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # Progressive Growth Transformers: 3 layers with the embeddings, then +3 on top with everything
-    # below frozen, twice (3 -> 6 -> 9 layers).
+    # below frozen, twice (3 -> 6 -> 9 layers): pgt-unfrozen-1-9's stages on the tiny preset, whose
+    # head is the (frozen) embedding matrix.
     "pgt": {
         "model": {"preset": "tiny", "num_hidden_layers": 3, "max_layers": 9},
-        "growth": {"trigger": "schedule", "freeze_policy": "freeze-below",
-                   "step": {"axis": "depth", "num_layers": 3, "policy": "top"}},
+        "growth": {"trigger": "schedule", "step": {"axis": "depth", "num_layers": 3, "policy": "top"},
+                   "stages": [{}, *2 * [{"freeze_policy": "freeze-below", "freeze": ["embeddings"],
+                                        "train": ["lm_head", "norm"]}]]},
     },
     # Arbor: grow +4 layers at the middle when 80 % of layers exceed 0.92 utilization (5,000-step
     # cooldown). Meant for long runs: set model.preset = "arbor-500m-1b" and many more steps.
