@@ -175,6 +175,7 @@ def test_tiny_abs_bvv_grows_one_layer_at_a_time_then_through_lora(abs_run):
     run = abs_run
     w = {step: _weights(run, step) for step in range(4, 25, 4)}
     # Stages A-D (steps 1-16): the newest layer, the final norm and the untied head train; older layers are frozen.
+    assert _changed(_weights(run, 2), w[4]) == (_layers([0]) | {"norm", "lm_head"}, set())
     assert _changed(w[4], w[8]) == (_layers([1]) | {"norm", "lm_head"}, _layers([0]))
     assert _changed(w[8], w[12]) == (_layers([2]) | {"norm", "lm_head"}, _layers(range(2)))
     assert _changed(w[12], w[16]) == (_layers([3]) | {"norm", "lm_head"}, _layers(range(3)))
