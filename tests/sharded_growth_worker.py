@@ -11,6 +11,7 @@ whole one to a JSON file named by the first argument.
 
 import functools
 import json
+import os
 import sys
 
 import torch
@@ -91,17 +92,22 @@ if __name__ == "__main__":
     plain = dict(whole.named_parameters())
     same_names = sorted(full) == sorted(plain)
     diff = max(float((full[n] - plain[n]).detach().abs().max()) for n in plain) if same_names else None
+    keys = ("layer_intermediate_sizes", "intermediate_size", "layer_num_attention_heads")
+    result = {"whole": whole_losses, "sharded": sharded_losses, "fingerprints": prints,
+              "whole_records": whole_records, "sharded_records": sharded_records,
+              "config": {k: getattr(sharded.config, k) for k in keys},
+              "whole_config": {k: getattr(whole.config, k) for k in keys},
+              "same_names": same_names, "max_weight_diff": diff,
+              "layers": sharded.config.num_hidden_layers, "refused": refused, "unchanged": unchanged,
+              "units": len(sharded._get_fsdp_state()._state_ctx.all_states),
+              "sharded_layers": sum(map(sharding.is_sharded, sharded.model.layers))}
     if ranks.main:
-        json.dump({"whole": whole_losses, "sharded": sharded_losses, "fingerprints": prints,
-                   "whole_records": whole_records, "sharded_records": sharded_records,
-                   "config": {k: getattr(sharded.config, k) for k in ("layer_intermediate_sizes", "intermediate_size",
-                                                                      "layer_num_attention_heads")},
-                   "whole_config": {k: getattr(whole.config, k) for k in ("layer_intermediate_sizes",
-                                                                          "intermediate_size",
-                                                                          "layer_num_attention_heads")},
-                   "same_names": same_names, "max_weight_diff": diff,
-                   "layers": sharded.config.num_hidden_layers, "refused": refused, "unchanged": unchanged,
-                   "units": len(sharded._get_fsdp_state()._state_ctx.all_states),
-                   "sharded_layers": sum(map(sharding.is_sharded, sharded.model.layers))},
-                  open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as out:
+            json.dump(result, out)
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: once in a while a rank then aborts in C++ ("terminate
+    # called without an active exception", SIGABRT) after its work is done, failing a correct run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
