@@ -29,8 +29,13 @@ pressing on the rest of the machine); a length whose weights and analytic KV cac
 is not started.
 
     python benches/long_context.py --device cuda --dtype bfloat16      # GPU: every length, prefill and decode
-    python benches/long_context.py --lengths 4096 --decode-only 16384,32768,65536 --new-tokens 4 --threads 1
-                                                   # the full model on a CPU: about 7 minutes on 2 cores
+    python benches/long_context.py --threads 1     # the full model on a CPU: about 7 minutes on 2 cores
+
+On a CPU, when neither ``--lengths`` nor ``--decode-only`` is given, only 4K is prefilled (a
+prefill of 16K and beyond takes from tens of minutes to hours there) and the longer lengths are
+decode-only, with 4 new tokens unless ``--new-tokens`` says otherwise; on CUDA every length is
+prefilled. On a CPU a length whose weights and KV cache alone need more than three quarters of
+the machine's memory is not started, cap or no cap, instead of pressing the machine into swap.
     python benches/long_context.py --scale 8 --lengths 4096,16384,32768 --decode-only 65536,131072 --threads 1
                                                    # 24 layers of hidden 128 on a CPU: about 9 minutes
     python benches/long_context.py --quick --out runs/long-context.json   # smoke run (CI): seconds
@@ -63,6 +68,10 @@ from arbor import PRESETS, ArborConfig, ArborForCausalLM, compat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENGTHS = "4096,16384,32768,65536,131072"
+#: A CPU's plan when no length is given: prefill 4K only, decode against a random cache beyond it.
+CPU_PLAN = dict(lengths="4096", decode_only="16384,32768,65536,131072", new_tokens=4)
+#: A CPU's default ``--memory-limit``: this share of the machine's memory.
+CPU_MEMORY_SHARE = 0.75
 #: ``--quick``: a tiny model, short lengths, one decode-only row; options given still win.
 QUICK = dict(lengths="64,128", decode_only="96", new_tokens=2, layers=2, hidden=64, heads=2, ffn=128, vocab=512,
              timeout=120.0)
@@ -317,10 +326,11 @@ def run_length(args: argparse.Namespace, length: int, decode_only: bool, config:
     mode = "decode-only" if decode_only else "prefill+decode"
     dtype = DTYPES[args.dtype]
     need = weights_bytes_expected(config, dtype) + kv_cache_bytes_expected(config, length + args.new_tokens, dtype)
-    if args.memory_limit and need > args.memory_limit * 2**30:
+    if args.fit_limit and need > args.fit_limit * 2**30:
+        over = (f"--memory-limit {args.memory_limit:g} GiB" if args.memory_limit else
+                f"{args.fit_limit:g} GiB, {CPU_MEMORY_SHARE:.0%} of this machine's memory")
         return dict(length=length, mode=mode, status="too large",
-                    message=f"not run: weights and KV cache alone need {need / 2**30:.1f} GiB, "
-                            f"over --memory-limit {args.memory_limit:g} GiB")
+                    message=f"not run: weights and KV cache alone need {need / 2**30:.1f} GiB, over {over}")
     context = multiprocessing.get_context(start_method(args))
     fd, path = tempfile.mkstemp(prefix="long-context-", suffix=".json")
     os.close(fd)
@@ -408,18 +418,28 @@ def parse_lengths(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]
     return values
 
 
+def machine_memory() -> int:
+    """Bytes of physical memory (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="arbor-500m-1b", choices=list(PRESETS),
                    help="the arbor preset to build (default: arbor-500m-1b)")
-    p.add_argument("--lengths", default=DEFAULT_LENGTHS,
-                   help=f"comma-separated context lengths, each prefilled then decoded (default: {DEFAULT_LENGTHS})")
+    p.add_argument("--lengths", default=None,
+                   help=f"comma-separated context lengths, each prefilled then decoded (default: {DEFAULT_LENGTHS} "
+                        f"on CUDA; {CPU_PLAN['lengths']} on a CPU when --decode-only is not given either)")
     p.add_argument("--decode-only", default=None, metavar="L,...",
                    help="comma-separated lengths measured without a prefill: a random KV cache of that length, "
-                        "then --new-tokens decode steps against it (default: none)")
-    p.add_argument("--new-tokens", type=int, default=16, help="decode steps after the prefill, one token each "
-                                                              "(default: 16)")
+                        f"then --new-tokens decode steps against it (default: none on CUDA; "
+                        f"{CPU_PLAN['decode_only']} on a CPU when --lengths is not given either)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps after the prefill, one token each "
+                                                                "(default: 16; 4 on a CPU's default plan)")
     p.add_argument("--scale", type=int, default=1,
                    help="divide hidden size, head counts and FFN width by this; head_dim and layers are kept "
                         "(default: 1)")
@@ -440,7 +460,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds one length may take before its child is killed (default: 1800)")
     p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
                    help="CPU only: cap each child's address space at this many GiB; a length whose weights and "
-                        "KV cache alone need more is not started (default: no cap)")
+                        "KV cache alone need more is not started (default: no cap; on a CPU a length whose "
+                        f"weights and KV cache need over {CPU_MEMORY_SHARE * 100:.0f} %% of the machine's memory "
+                        "is not started either)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and random caches (default: 0)")
     p.add_argument("--start-method", default="auto", choices=["auto", "fork", "spawn"],
                    help="how each length's child process starts (default: auto, fork on a CPU where it exists, "
@@ -454,7 +476,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name, value in QUICK.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    args.length_list = parse_lengths(p, "--lengths", args.lengths)
+    cpu = not args.device.startswith("cuda")
+    if args.lengths is None and args.decode_only is None:
+        plan = CPU_PLAN if cpu else dict(lengths=DEFAULT_LENGTHS, decode_only="", new_tokens=16)
+        args.lengths, args.decode_only = plan["lengths"], plan["decode_only"]
+        args.new_tokens = plan["new_tokens"] if args.new_tokens is None else args.new_tokens
+    args.new_tokens = 16 if args.new_tokens is None else args.new_tokens
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        p.error("--memory-limit must be > 0")
+    # The size over which a length is not started: the cap, or on a CPU a share of the machine's memory.
+    args.fit_limit = args.memory_limit or (round(CPU_MEMORY_SHARE * machine_memory() / 2**30, 1) if cpu else None)
+    args.length_list = parse_lengths(p, "--lengths", args.lengths or "")
     args.decode_only_list = parse_lengths(p, "--decode-only", args.decode_only or "")
     if not args.length_list and not args.decode_only_list:
         p.error("give at least one length (--lengths or --decode-only)")

@@ -106,3 +106,31 @@ def test_a_length_over_the_memory_limit_is_not_started(bench):
     row = bench.run_length(args, 2**30, True, args.config)
     assert row["status"] == "too large" and "over --memory-limit 1 GiB" in row["message"]
     assert "too large: not run" in bench.format_row(row)
+
+
+def test_a_cpu_prefills_only_4k_by_default_and_cuda_every_length(bench, monkeypatch):
+    cpu = bench.parse_args([])
+    assert (cpu.length_list, cpu.decode_only_list, cpu.new_tokens) == ([4096], [16384, 32768, 65536, 131072], 4)
+    assert bench.parse_args(["--new-tokens", "8"]).new_tokens == 8
+    # A length given by hand is the whole plan.
+    given = bench.parse_args(["--lengths", "1024"])
+    assert (given.length_list, given.decode_only_list, given.new_tokens) == ([1024], [], 16)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    cuda = bench.parse_args(["--device", "cuda"])
+    assert (cuda.length_list, cuda.decode_only_list, cuda.new_tokens) == ([4096, 16384, 32768, 65536, 131072], [], 16)
+    assert cuda.fit_limit is None
+
+
+def test_on_a_cpu_a_length_over_most_of_the_memory_is_not_started_without_a_cap(bench, monkeypatch):
+    monkeypatch.setattr(bench, "machine_memory", lambda: 8 * 2**30)
+    args = bench.parse_args(["--quick"])
+    assert args.memory_limit is None and args.fit_limit == 6.0
+    row = bench.run_length(args, 2**30, True, args.config)
+    assert row["status"] == "too large" and "over 6 GiB, 75% of this machine's memory" in row["message"]
+
+
+def test_help_prints(bench):
+    result = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--memory-limit" in result.stdout, result.stderr
+    assert subprocess.run([sys.executable, str(PATH), "--memory-limit", "0"], capture_output=True,
+                          timeout=120).returncode == 2
