@@ -37,8 +37,9 @@ A schedule file is JSON: ``{"name": {"stages": [[0, {"layers": 0.5}], [0.2, {"la
 budget, sizes as fractions of the final model]`` (``layers``, ``ffn``); the first stage (at 0)
 is the starting model, each later one a growth step to those sizes. ``init`` names the init
 scheme per axis and ``policy`` the insertion policy, as ``plugins.toml`` names components;
-optional ``new_param_lr_multiplier``, ``warmup_steps`` (new parameters re-warm) and
-``init_settings`` (per axis) go to the growth step. With ``"trigger": {"name": ..., settings}``
+optional ``new_param_lr_multiplier``, ``warmup_steps`` (new parameters re-warm),
+``rewarm_steps`` (the whole model re-warms) and ``init_settings`` (per axis) go to the growth
+step. With ``"trigger": {"name": ..., settings}``
 a trigger decides when each later stage comes (write ``null`` for its fraction).
 """
 
@@ -103,6 +104,9 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_SCHEDULES = "depth"
+#: What a schedule may hold (the module docstring says what each does).
+SCHEDULE_KEYS = {"about", "stages", "init", "policy", "init_settings", "ramp_fraction", "trigger",
+                 "new_param_lr_multiplier", "warmup_steps", "rewarm_steps"}
 RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
 
 
@@ -246,7 +250,7 @@ class Run:
         torch.manual_seed(args.seed)  # every arm starts from the same random state
         model = ArborForCausalLM._from_config(ArborConfig(**model_config), attn_implementation="sdpa")
         schedule = schedule or {}
-        growth = {k: schedule[k] for k in ("new_param_lr_multiplier", "warmup_steps") if k in schedule}
+        growth = {k: schedule[k] for k in ("new_param_lr_multiplier", "warmup_steps", "rewarm_steps") if k in schedule}
         trigger = dict(schedule.get("trigger") or {"name": "schedule", "steps": [10**12]})  # default: never fires
         self.triggered = bool(schedule.get("trigger"))
         config = TrainConfig(
@@ -377,6 +381,10 @@ def load_schedules(text: str) -> dict[str, dict[str, Any]]:
         if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError(f"--schedules {text}: expected an object of named schedules")
         for name, schedule in data.items():
+            unknown = sorted(set(schedule) - SCHEDULE_KEYS)
+            if unknown:
+                raise ValueError(f"--schedules {text}: schedule {name!r} has unknown key "
+                                 f"{', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(SCHEDULE_KEYS))}")
             stages = schedule.get("stages")
             if not isinstance(stages, list) or not all(isinstance(st, list) and len(st) == 2 and
                                                        isinstance(st[1], dict) for st in stages):

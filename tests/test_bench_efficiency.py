@@ -137,6 +137,16 @@ def test_bad_options_are_one_line_with_exit_code_2(bench, argv, message, capsys,
     assert message in err and "Traceback" not in err
 
 
+def test_a_schedule_file_with_an_unknown_key_is_refused_naming_it(bench, capsys, tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text('{"late": {"stages": [[0, {"layers": 0.5}], [0.5, {"layers": 1}]], "rewarm_step": 30}}')
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--schedules", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "schedule 'late' has unknown key 'rewarm_step'" in err and "rewarm_steps" in err
+
+
 def test_tokens_to_target_reads_the_same_curve(bench):
     c = [{"flops": 0, "tokens": 0, "val_loss": 6.0}, {"flops": 10, "tokens": 100, "val_loss": 4.0},
          {"flops": 30, "tokens": 200, "val_loss": 3.0}]

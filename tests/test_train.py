@@ -117,6 +117,30 @@ def test_schedule_and_batches_are_pure_functions():
     assert sorted(seen) == list(range(0, 50, 5))
 
 
+def test_rewarm_ramps_every_groups_rate_back_up_after_each_growth_step(tmp_path):
+    growth = {"trigger": "schedule", "trigger_settings": {"steps": [8, 16]}, "step": {"axis": "depth", "num_layers": 1},
+              "rewarm_steps": 4, "new_param_lr_multiplier": 2.0}
+    cfg = config(growth=growth)
+    trainer = Trainer(model(), cfg, *blocks(), tmp_path, progress=False, echo=lambda s: None)
+    seen, set_lr = {}, trainer._set_lr
+
+    def spy():
+        set_lr()
+        seen[trainer.step] = [(g["lr"], g.get("arbor_lr_multiplier", 1.0)) for g in trainer.optimizer.param_groups]
+
+    trainer._set_lr = spy
+    trainer.fit()
+    assert len(seen) == 24 and [len(seen[s]) for s in (7, 8, 16)] == [2, 3, 4]  # decay, no decay; one per growth
+    for step, groups in seen.items():
+        last = max((g for g in (8, 16) if g <= step), default=None)
+        ramp = 1.0 if last is None else min(1.0, (step - last + 1) / 4)
+        assert lr_factor(step, cfg, last) == pytest.approx(ramp * lr_factor(step, cfg))
+        for lr, multiplier in groups:  # the old parameters' group ramps as the new ones' do
+            assert lr == pytest.approx(cfg.lr * multiplier * lr_factor(step, cfg) * ramp), step
+    assert seen[8][0][0] == pytest.approx(cfg.lr * lr_factor(8, cfg) / 4)
+    assert seen[11][0][0] == pytest.approx(cfg.lr * lr_factor(11, cfg))
+
+
 def test_bf16_autocast_and_gradient_checkpointing_train_and_grow(tmp_path):
     train, val = blocks()
     cfg = config(max_steps=6, bf16=True, gradient_checkpointing=True, save_interval=6, eval_interval=6,

@@ -101,6 +101,9 @@ class GrowthSettings(_Strict):
     stages: list[StageSettings] | None = None
     new_param_lr_multiplier: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    #: Steps over which the whole model's learning rate climbs back from 1/rewarm_steps of the schedule's
+    #: to all of it after each growth step (0: off); ``warmup_steps`` ramps only the new parameters.
+    rewarm_steps: int = Field(0, ge=0)
     #: What a step whose init claims exactness but moves the probe loss by more than
     #: ``exact_tolerance`` (relative) does: "warn" logs it as not exact, "error" stops the run.
     exactness: Literal["warn", "error"] = "warn"
@@ -156,13 +159,17 @@ class TrainConfig(_Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Warm-up then cosine decay to ``min_lr_ratio``, as a multiple of ``config.lr``."""
+def lr_factor(step: int, config: TrainConfig, last_growth: int | None = None) -> float:
+    """Warm-up then cosine decay to ``min_lr_ratio``, as a multiple of ``config.lr``; with
+    ``growth.rewarm_steps`` and a growth step after ``last_growth`` steps, that times a linear ramp
+    over the ``rewarm_steps`` steps that follow it."""
+    rewarm = config.growth.rewarm_steps
+    ramp = min(1.0, (step - last_growth + 1) / rewarm) if rewarm and last_growth is not None else 1.0
     if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+        return ramp * (step + 1) / config.warmup_steps
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return ramp * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(config: TrainConfig):
@@ -300,7 +307,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> None:
-        factor = lr_factor(self.step, self.config)
+        factor = lr_factor(self.step, self.config, self.history[-1]["step"] if self.history else None)
         for group in self.optimizer.param_groups:
             warm = group.get("arbor_warmup")
             ramp = min(1.0, (warm["done"] + 1) / warm["steps"]) if warm else 1.0
