@@ -275,8 +275,23 @@ def widen_mlp(model, intermediate_size: int, layers=None, *, init: Any = "zero",
         config.layer_intermediate_sizes[i] = intermediate_size
         event.layers.append(i)
     if layers is None:
-        config.intermediate_size = max(config.intermediate_size, intermediate_size)
+        record_all_layers(config, "ffn", intermediate_size)
     return _fire(model, event, scheme)
+
+
+def record_all_layers(config, axis: str, target: int, kv_target: int | None = None) -> None:
+    """Raise the config's model-wide width to what an all-layers ``ffn`` or ``heads`` step grew every
+    layer to (``intermediate_size``, or ``num_attention_heads`` and ``num_key_value_heads``); the
+    per-layer lists hold each layer's own. A KV count that no longer divides the query count falls
+    to their greatest common divisor."""
+    if axis == "ffn":
+        config.intermediate_size = max(config.intermediate_size, target)
+        return
+    config.num_attention_heads = max(config.num_attention_heads, target)
+    if kv_target is not None:
+        config.num_key_value_heads = max(config.num_key_value_heads, kv_target)
+    if config.num_attention_heads % config.num_key_value_heads:
+        config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
 
 
 # ---------------------------------------------------------------------- heads
@@ -345,11 +360,7 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
         config.layer_num_key_value_heads[i] = kv_new
         event.layers.append(i)
     if layers is None:
-        config.num_attention_heads = max(config.num_attention_heads, num_attention_heads)
-        if num_key_value_heads is not None:
-            config.num_key_value_heads = max(config.num_key_value_heads, num_key_value_heads)
-        if config.num_attention_heads % config.num_key_value_heads:
-            config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
+        record_all_layers(config, "heads", num_attention_heads, num_key_value_heads)
     return _fire(model, event, scheme)
 
 

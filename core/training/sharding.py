@@ -25,7 +25,6 @@ Hidden-size steps resize the embeddings and every layer at once and are refused 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from arbor.compat import copy_checkpointing
+from arbor.growth.operators import record_all_layers
 from arbor.growth.optim import rebind
 from arbor.growth.step import GrowthResult, GrowthStep
 from arbor_plugins.growth import GrowthError, GrowthEvent, GrowthSpec
@@ -264,15 +264,7 @@ def _grow_width(growth_step: GrowthStep, model, resolved: GrowthSpec, mesh: Devi
                                    probe=probe_once if last and probe is not None else None, prepare=shard_again,
                                    **kwargs))
     if op.layers is None:  # what the operator records for an all-layers step, which it now saw layer by layer
-        config = model.config
-        if op.axis == "ffn":
-            config.intermediate_size = max(config.intermediate_size, op.target)
-        else:
-            config.num_attention_heads = max(config.num_attention_heads, op.target)
-            if op.kv_target is not None:
-                config.num_key_value_heads = max(config.num_key_value_heads, op.kv_target)
-            if config.num_attention_heads % config.num_key_value_heads:
-                config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
+        record_all_layers(model.config, op.axis, op.target, op.kv_target)
     event = GrowthEvent(axis=op.axis, layers=[i for r in results for i in r.event.layers])
     for r in results:
         for name in ("old_shapes", "new_shapes", "resized", "renamed"):
