@@ -402,7 +402,7 @@ def load_schedules(text: str) -> dict[str, dict[str, Any]]:
 def prepare_data(args):
     """Tokenizer and blocks, exactly as ``arbor train`` builds them; a fixed evaluation subset."""
     from arbor.cli.train import prepare
-    from arbor.training.trainer import TrainConfig
+    from arbor.training.config import TrainConfig
 
     config = TrainConfig(data=args.data, vocab_size=args.vocab_size, seq_len=args.seq_len, seed=args.seed)
     tokenizer, train_blocks, val_blocks = prepare(config, echo=lambda m: print(m, file=sys.stderr))

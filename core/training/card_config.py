@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from arbor.model.config import closest_field
-from arbor.training.trainer import TrainConfig
+from arbor.training.config import TrainConfig
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["CARD_GROWTH_KEYS", "CARD_MODEL_KEYS", "CARD_TRAINING_KEYS", "CardTranslation", "describe_settings_error",

@@ -76,7 +76,7 @@ from arbor.growth.step import GrowthStep, describe_growth, parse_growth_spec
 from arbor.plugins import component_state, get_registry, load_component_state
 from arbor.plugins.selection import load_plugins_toml
 from arbor.training import distributed
-from arbor.training.trainer import default_marks
+from arbor.training.config import default_marks
 from arbor_plugins import DEFAULTS
 from arbor_plugins.settings import describe_validation_error
 

@@ -20,8 +20,8 @@ from arbor.growth.operators import GrowthError
 from arbor.growth.step import parse_growth_spec
 from arbor.model.config import KEY_ALIASES, ArborConfig, ArborConfigError, ArborConfigKeyError, closest_field
 from arbor.plugins import get_registry
+from arbor.training.config import trigger_choice
 from arbor.training.data import NAMED_CORPORA
-from arbor.training.trainer import trigger_choice
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["RunCheckError", "check_model_settings", "check_run"]
