@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from arbor import ArborConfig, ArborConfigError, ArborForCausalLM
 from arbor.growth.export import to_llama
 from arbor.growth.freezing import FreezeError
+from arbor_substrates import fonts
 from arbor_substrates.binary import binary_matrix, bit_matrix, needed_bits
 from arbor_substrates.tokenizer import (
     BMP_SIZE,
@@ -70,7 +71,7 @@ def glyphs(tmp_path, monkeypatch):
     from arbor_substrates import glyphs as module
 
     monkeypatch.setenv("ARBOR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(module, "font_dirs", lambda: [])
+    monkeypatch.setattr(fonts, "font_dirs", lambda: [])
     module.clear_memory_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", module.UnifontMissingWarning)
@@ -322,7 +323,7 @@ def test_font_choice_order_unifont_first_then_dejavu(glyphs, tmp_path):
     # Only the BMP font counts (not _upper, _csur, _jp); OpenType before TrueType.
     assert glyphs.find_unifont([system, user]) == user / "unifont-15.1.05.otf"
     (system / "truetype" / "unifont" / "unifont.otf").write_bytes(boxes.read_bytes())
-    glyphs._scan_unifont.cache_clear()
+    fonts._scan_unifont.cache_clear()
     assert glyphs.find_unifont([system, user]) == system / "truetype" / "unifont" / "unifont.otf"  # unversioned first
     assert glyphs.find_unifont([tmp_path / "nowhere"]) is None
 
@@ -372,7 +373,7 @@ def test_unifont_is_used_when_installed(glyphs, tmp_path, monkeypatch):
     folder = tmp_path / "fonts" / "opentype" / "unifont"
     folder.mkdir(parents=True)
     make_font(folder / "unifont.otf", "ABCxyz")  # a stand-in with six glyphs
-    monkeypatch.setattr(glyphs, "font_dirs", lambda: [tmp_path / "fonts"])
+    monkeypatch.setattr(fonts, "font_dirs", lambda: [tmp_path / "fonts"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", glyphs.UnifontMissingWarning)
         embed = glyph_model().model.embed_tokens
