@@ -67,18 +67,39 @@ def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
 
 
+def one_and_two(work: Path, config: str, *two: str) -> tuple[subprocess.CompletedProcess, ...]:
+    """The run of ``config`` on a small corpus of code in ``work``: in one process (``one/``) and in
+    two (``two/``, with ``two`` added to its command line)."""
+    text = "\n\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(4000))
+    (work / "data.txt").write_text(text)
+    (work / "run.toml").write_text(f'data = "data.txt"\n{config}')
+    one = arbor_train(work, "run.toml", "--out", "one")
+    assert one.returncode == 0, one.stderr
+    two_processes = arbor_train(work, "run.toml", "--out", "two", "--nproc", "2", *two)
+    assert two_processes.returncode == 0, two_processes.stdout + two_processes.stderr
+    return one, two_processes
+
+
+def resume_after_step_3(work: Path, nproc: int, *two: str) -> Path:
+    """``two/`` copied without its last checkpoint (step 6), as if it had stopped after step 3, and
+    resumed in ``nproc`` processes (``two`` added for 2); the resumed run's directory, its losses
+    checked against the uninterrupted run's."""
+    copy = work / f"resumed-{nproc}"
+    shutil.copytree(work / "two", copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000006")
+    args = ["--out", copy.name, "--resume"] + (["--nproc", "2", *two] if nproc == 2 else [])
+    result = arbor_train(work, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout
+    assert losses(copy) == pytest.approx(losses(work / "two"), rel=1e-5)
+    return copy
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run in one process and in two."""
     work = tmp_path_factory.mktemp("distributed")
-    text = "\n\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(4000))
-    (work / "data.txt").write_text(text)
-    (work / "run.toml").write_text(f'data = "data.txt"\n{CONFIG}')
-    one = arbor_train(work, "run.toml", "--out", "one")
-    assert one.returncode == 0, one.stderr
-    two = arbor_train(work, "run.toml", "--out", "two", "--nproc", "2")
-    assert two.returncode == 0, two.stdout + two.stderr
-    return work, one, two
+    return (work, *one_and_two(work, CONFIG))
 
 
 def test_two_processes_train_and_grow_as_one(runs):
@@ -103,15 +124,7 @@ def test_two_processes_train_and_grow_as_one(runs):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_distributed_checkpoint_resumes_in_one_process_and_in_two(runs, nproc):
     work, _, _ = runs
-    copy = work / f"resumed-{nproc}"
-    shutil.copytree(work / "two", copy)
-    shutil.rmtree(copy / "checkpoints" / "step-00000006")  # as if the run had stopped after step 3
-    args = ["--out", copy.name, "--resume"] + (["--nproc", "2"] if nproc == 2 else [])
-    result = arbor_train(work, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming from" in result.stdout
-    assert losses(copy) == pytest.approx(losses(work / "two"), rel=1e-5)
-    resumed = weights(copy, 6)
+    resumed = weights(resume_after_step_3(work, nproc), 6)
     for name, tensor in weights(work / "two", 6).items():
         if nproc == 2:  # the same reduction order as the uninterrupted run: the same bits
             assert torch.equal(resumed[name], tensor), name

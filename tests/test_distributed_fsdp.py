@@ -10,11 +10,10 @@ resume in one process and in two sharded ones with the uninterrupted run's losse
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from test_distributed import CONFIG, arbor_train, losses, weights
+from test_distributed import CONFIG, losses, one_and_two, resume_after_step_3, weights
 
 # Depth with the zero init, depth with the masked init (its ramp across the next steps), then the
 # FFN of every layer with the zero init, gathered, grown and sharded again one layer at a time.
@@ -29,14 +28,8 @@ def runs(tmp_path_factory):
     """The same run in one process and sharded over two."""
     assert SHARDED != CONFIG
     work = tmp_path_factory.mktemp("fsdp")
-    text = "\n\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(4000))
-    (work / "data.txt").write_text(text)
-    (work / "run.toml").write_text(f'data = "data.txt"\nsample_tokens = 4\n{SHARDED.replace("sample_tokens = 0", "")}')
-    one = arbor_train(work, "run.toml", "--out", "one")
-    assert one.returncode == 0, one.stderr
-    two = arbor_train(work, "run.toml", "--out", "two", "--nproc", "2", "--parallel", "fsdp")
-    assert two.returncode == 0, two.stdout + two.stderr
-    return work, one, two
+    config = f'sample_tokens = 4\n{SHARDED.replace("sample_tokens = 0", "")}'
+    return (work, *one_and_two(work, config, "--parallel", "fsdp"))
 
 
 def test_a_sharded_run_trains_and_grows_as_one_process(runs):
@@ -74,15 +67,7 @@ def test_a_sharded_checkpoint_is_the_one_process_checkpoint(runs):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_sharded_checkpoint_resumes_in_one_process_and_in_two(runs, nproc):
     work, _, _ = runs
-    copy = work / f"resumed-{nproc}"
-    shutil.copytree(work / "two", copy)
-    shutil.rmtree(copy / "checkpoints" / "step-00000006")  # as if the run had stopped after step 3
-    args = ["--out", copy.name, "--resume"] + (["--nproc", "2", "--parallel", "fsdp"] if nproc == 2 else [])
-    result = arbor_train(work, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming from" in result.stdout
-    assert losses(copy) == pytest.approx(losses(work / "two"), rel=1e-5)
-    resumed = weights(copy, 6)
+    resumed = weights(resume_after_step_3(work, nproc, "--parallel", "fsdp"), 6)
     for name, tensor in weights(work / "two", 6).items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=5e-4, msg=name)
 
