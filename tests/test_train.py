@@ -141,6 +141,28 @@ def test_rewarm_ramps_every_groups_rate_back_up_after_each_growth_step(tmp_path)
     assert seen[11][0][0] == pytest.approx(cfg.lr * lr_factor(11, cfg))
 
 
+def test_each_stage_trains_at_its_lr_scale(tmp_path):
+    growth = {"trigger": "schedule", "trigger_settings": {"steps": [8, 16]}, "step": {"axis": "depth", "num_layers": 1},
+              "stages": [{"lr_scale": 0.5}, {}, {"lr_scale": 2.0}]}
+    cfg = config(growth=growth)
+    lines = []
+    trainer = Trainer(model(), cfg, *blocks(), tmp_path, progress=False, echo=lines.append)
+    seen, set_lr = {}, trainer._set_lr
+
+    def spy():
+        set_lr()
+        schedule = cfg.lr * lr_factor(trainer.step, cfg)
+        seen[trainer.step] = {round(g["lr"] / schedule, 9) for g in trainer.optimizer.param_groups}
+
+    trainer._set_lr = spy
+    trainer.fit()
+    scales = {step: pytest.approx(0.5 if step < 8 else 1.0 if step < 16 else 2.0) for step in range(24)}
+    assert {step: next(iter(v)) for step, v in seen.items()} == scales
+    assert all(len(v) == 1 for v in seen.values())  # every group, new layers' too
+    assert [r.get("lr_scale") for r in records(tmp_path, "event") if r["event"] == "stage"] == [0.5, 1.0, 2.0]
+    assert any(line.endswith("learning rate x2") for line in lines)
+
+
 def test_bf16_autocast_and_gradient_checkpointing_train_and_grow(tmp_path):
     train, val = blocks()
     cfg = config(max_steps=6, bf16=True, gradient_checkpointing=True, save_interval=6, eval_interval=6,

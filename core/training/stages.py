@@ -11,6 +11,9 @@ any later growth step. Each stage may name:
 * ``freeze``: selectors frozen when the stage begins, after ``train``: a parameter both name is
   frozen. With tied embeddings the LM head *is* the embedding matrix, so ``freeze = ["embeddings"]``
   freezes the head too, whatever ``train`` says;
+* ``lr_scale``: the whole model's learning rate in this stage, as a multiple of the run's schedule
+  (default 1). A small model may want a lower peak rate than the grown one: stages of 1, 1.41 and
+  2 let a 2 -> 4 -> 6-layer run start at half the rate it ends on;
 * ``name``: how the log calls it (default A, B, C, ...).
 
 A stage begins with one ``"event": "stage"`` record in ``metrics.jsonl`` and one console line saying
@@ -47,6 +50,7 @@ class StageSettings(BaseModel):
     freeze_settings: dict[str, Any] = Field(default_factory=dict)
     train: list[str] = Field(default_factory=list)
     freeze: list[str] = Field(default_factory=list)
+    lr_scale: float = Field(1.0, gt=0)
 
     @field_validator("train", "freeze")
     @classmethod
@@ -151,4 +155,6 @@ def describe_stage(record: dict[str, Any]) -> str:
     if record["tied"] and "embeddings" in record["frozen"]:
         line += " (the LM head is the tied embedding matrix)"
     line += f"; {record['trainable_params']:,} trainable parameters"
+    if record.get("lr_scale", 1.0) != 1.0:
+        line += f"; learning rate x{record['lr_scale']:g}"
     return line if record.get("step") is None else f"step {record['step']}: {line}"

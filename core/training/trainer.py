@@ -187,6 +187,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> None:
         factor = lr_factor(self.step, self.config, self.history[-1]["step"] if self.history else None)
+        if self.config.growth.stages is not None:
+            factor *= self.config.growth.stages[self.stage()].lr_scale
         for group in self.optimizer.param_groups:
             warm = group.get("arbor_warmup")
             ramp = min(1.0, (warm["done"] + 1) / warm["steps"]) if warm else 1.0
@@ -334,7 +336,7 @@ class Trainer:
         trained, frozen = apply_stage_selectors(self.model, stages[index], self.optimizer)
         record = {"event": "stage", "step": self.step, "tokens": self.tokens, "stage": index,
                   "name": stage_label(stages, index), "stages": len(stages), "unfrozen_now": len(trained),
-                  "frozen_now": len(frozen), **trainable_parts(self.model)}
+                  "frozen_now": len(frozen), "lr_scale": stages[index].lr_scale, **trainable_parts(self.model)}
         self._stage_begun = True
         self._log(record)
         self.echo(describe_stage(record))
