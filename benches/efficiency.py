@@ -1,8 +1,8 @@
 """Does growing save compute? The final model trained from scratch against growth schedules.
 
 The same final architecture is trained two ways, on the same data in the same
-order, for the same token budget and the same learning-rate schedule (warm-up,
-cosine decay over the budget):
+order, for the same token budget and the same learning-rate schedule (linear
+warm-up over 30 % of the steps by default, cosine decay over the rest of the budget):
 
 * **scratch**: the final model from step 0;
 * **growth**: each schedule of ``--schedules`` starts smaller and grows, exactly
@@ -26,7 +26,7 @@ its budget ends trains on (same data order, final learning rate) until it does
 or until it has spent 1.5x the scratch FLOPs; then the ratio is ``>1.5``.
 Beside it: both losses at equal FLOPs (the growth run's total).
 
-    python benches/efficiency.py                         # the standard size on stdlib: ~25 min on 2 cores
+    python benches/efficiency.py                         # the standard size on stdlib: 10-25 min on 2 cores
     python benches/efficiency.py --quick                 # smoke run, seconds
     python benches/efficiency.py --preset efficiency-medium --budget-tokens 2000000
     python benches/efficiency.py --schedules depth,width --growth-lrs 2e-3,4e-3,8e-3 --out runs/eff
@@ -107,6 +107,8 @@ DEFAULT_SCHEDULES = "depth"
 #: What a schedule may hold (the module docstring says what each does).
 SCHEDULE_KEYS = {"about", "stages", "init", "policy", "init_settings", "ramp_fraction", "trigger",
                  "new_param_lr_multiplier", "warmup_steps", "rewarm_steps"}
+#: The default warm-up as a share of the steps, for every arm.
+WARMUP_SHARE = 0.3
 RATIO_CAP = 1.5  # a growth run that needs more than this times the scratch FLOPs is reported as ">1.5"
 
 
@@ -584,17 +586,18 @@ def parse_args(argv=None):
     p.add_argument("--budget-tokens", type=int, default=1_228_800, help="training tokens per run")
     p.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                    help=f"comma-separated: {', '.join(SCHEDULES)}; or a JSON file (default: {DEFAULT_SCHEDULES})")
-    p.add_argument("--lrs", default="2.5e-3,5e-3,1e-2", help="peak learning rates swept for scratch (at least 3)")
-    p.add_argument("--growth-lrs", default="1.25e-3,2.5e-3,5e-3",
-                   help="peak learning rates swept for every growth schedule (at least 3; on the stdlib corpus "
-                        "the grown model trains best at a lower rate than scratch: its new layers join at "
-                        "the peak of the schedule)")
+    p.add_argument("--lrs", default="1e-2,1.4e-2,2e-2",
+                   help="peak learning rates swept for scratch (at least 3; default: 1e-2,1.4e-2,2e-2)")
+    p.add_argument("--growth-lrs", default="1e-2,1.4e-2,2e-2",
+                   help="peak learning rates swept for every growth schedule (at least 3; default: 1e-2,1.4e-2,2e-2)")
     p.add_argument("--out", default="runs/efficiency", help="directory for efficiency.json, efficiency.png, runs")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny model and budget)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 2 %% of the steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warm-up of every arm (default: {WARMUP_SHARE * 100:.0f} %% of the steps; a 2 %% "
+                        "warm-up left scratch and growth alike about 0.3 nats short, docs/benchmarks.md)")
     p.add_argument("--evals", type=int, default=24, help="evaluations per scratch budget")
     p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks every evaluation reads")
     p.add_argument("--plugins", help="a plugins.toml whose components schedules without their own names use")
@@ -623,7 +626,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.budget_tokens // (args.batch_size * args.seq_len) // 50)
+        args.warmup_steps = max(1, round(WARMUP_SHARE * (args.budget_tokens // (args.batch_size * args.seq_len))))
     return args, p
 
 

@@ -114,8 +114,8 @@ def lr_factor(step: int, config: TrainConfig, last_growth: int | None = None) ->
 
 #: What a run grows when nothing names a trigger: (fraction of ``max_steps``, growth step). Two
 #: layers at the middle at 10 % and again at 30 % of the run (zero init, exact), 2 -> 4 -> 6 layers:
-#: `depth` in benches/efficiency.py, as good as any exact schedule measured there, though at the
-#: standard size it needs 1.20x scratch's FLOPs (docs/benchmarks.md).
+#: `depth` in benches/efficiency.py, which reaches scratch's loss with 0.95x its FLOPs at the standard
+#: size when both warm up over 30 % of the run (docs/benchmarks.md).
 DEFAULT_GROWTH: tuple[tuple[float, dict[str, Any]], ...] = (
     (0.1, {"axis": "depth", "num_layers": 2}),
     (0.3, {"axis": "depth", "num_layers": 2}),
