@@ -30,15 +30,15 @@ is not started.
 
     python benches/long_context.py --device cuda --dtype bfloat16      # GPU: every length, prefill and decode
     python benches/long_context.py --threads 1     # the full model on a CPU: about 7 minutes on 2 cores
+    python benches/long_context.py --scale 8 --lengths 4096,16384,32768 --decode-only 65536,131072 --threads 1
+                                                   # 24 layers of hidden 128 on a CPU: about 9 minutes
+    python benches/long_context.py --quick --out runs/long-context.json   # smoke run (CI): seconds
 
 On a CPU, when neither ``--lengths`` nor ``--decode-only`` is given, only 4K is prefilled (a
 prefill of 16K and beyond takes from tens of minutes to hours there) and the longer lengths are
 decode-only, with 4 new tokens unless ``--new-tokens`` says otherwise; on CUDA every length is
 prefilled. On a CPU a length whose weights and KV cache alone need more than three quarters of
 the machine's memory is not started, cap or no cap, instead of pressing the machine into swap.
-    python benches/long_context.py --scale 8 --lengths 4096,16384,32768 --decode-only 65536,131072 --threads 1
-                                                   # 24 layers of hidden 128 on a CPU: about 9 minutes
-    python benches/long_context.py --quick --out runs/long-context.json   # smoke run (CI): seconds
 
 The figures, the machine they were taken on and the card's table beside them are in
 docs/long-context.md.
@@ -70,7 +70,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_LENGTHS = "4096,16384,32768,65536,131072"
 #: A CPU's plan when no length is given: prefill 4K only, decode against a random cache beyond it.
 CPU_PLAN = dict(lengths="4096", decode_only="16384,32768,65536,131072", new_tokens=4)
-#: A CPU's default ``--memory-limit``: this share of the machine's memory.
+#: On a CPU, a length whose weights and KV cache need more than this share of the machine's memory
+#: is not started, even without ``--memory-limit``.
 CPU_MEMORY_SHARE = 0.75
 #: ``--quick``: a tiny model, short lengths, one decode-only row; options given still win.
 QUICK = dict(lengths="64,128", decode_only="96", new_tokens=2, layers=2, hidden=64, heads=2, ffn=128, vocab=512,
