@@ -3,24 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from arbor.model.config import ArborConfig
 from arbor.training.flops import training_flops_per_token
 
-PATH = Path(__file__).resolve().parents[1] / "benches" / "efficiency.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_efficiency", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("efficiency")
 
 
 def curve(*points):

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from bench_scripts import load_bench
 
-PATH = Path(__file__).resolve().parents[1] / "benches" / "growth.py"
 MB = 2**20
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_growth", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("growth")
 
 
 def test_tracker_counts_a_known_allocation(bench):

@@ -9,24 +9,20 @@ still runs and measures what it says.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import BENCHES, load_bench
 
-PATH = Path(__file__).resolve().parents[1] / "benches" / "long_context.py"
+PATH = BENCHES / "long_context.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_long_context", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("long_context")
 
 
 def test_quick_writes_a_row_per_length_with_the_kv_cache_the_formula_gives(tmp_path):
