@@ -15,9 +15,12 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
+
+from arbor.model import checkpoint as checkpoint_files
 
 PROG = "arbor"
 USAGE_ERROR = 2
@@ -67,10 +70,35 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 #: Tokenizer files a checkpoint directory may hold; copied next to the export as they are.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
-)
+#: (Defined with the other names of a model directory, in `arbor.model.checkpoint`.)
+TOKENIZER_FILES = checkpoint_files.TOKENIZER_FILES
+
+
+class OutputWriteError(ValueError):
+    """The output directory could not be written (a full disk, no permission); names it."""
+
+
+def check_output(out: str, checkpoint: str, overwrite: bool, label: str) -> None:
+    """Refuse, in one line, an output directory a grow or export of ``checkpoint`` must not write:
+    a file, the checkpoint or a directory containing it or inside it, a run directory, or a
+    directory holding anything arbor did not write (see
+    `arbor.model.checkpoint.check_output_directory`); a non-empty one needs ``--overwrite``."""
+    checkpoint_files.check_output_directory(out, overwrite=overwrite, label=label, sources=[checkpoint],
+                                            overwrite_hint="pass --overwrite")
+
+
+@contextmanager
+def writing(out: str, checkpoint: str):
+    """Turn an OSError while the output is written (the disk is full, the directory is read-only)
+    into one line naming it; the writers build the output aside, so neither it nor the checkpoint
+    has changed."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise OutputWriteError(
+            f"cannot write {out}: {exc.strerror or exc}{where}; {out} was left as it was and {checkpoint} is unchanged"
+        ) from None
 
 
 def checkpoint_config(path: str) -> dict:

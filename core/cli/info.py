@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from arbor.cli.common import TOKENIZER_FILES, checkpoint_config, command, table
+from arbor.cli.common import TOKENIZER_FILES, check_output, checkpoint_config, command, table, writing
 from arbor.growth.export import to_llama
 from arbor.growth.growable import ArborForCausalLM
 from arbor.model.cards import CardFigure, card_figures
@@ -202,10 +201,7 @@ def export_command(args: argparse.Namespace) -> int:
     if args.to not in EXPORT_FORMATS:
         raise ValueError(f"--to {args.to!r} is not a known format; allowed: {', '.join(EXPORT_FORMATS)}")
     raw = checkpoint_config(args.checkpoint)
-    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
-        raise ValueError(f"OUT {args.out} is the checkpoint itself; choose another directory")
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite:
-        raise ValueError(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
+    check_output(args.out, args.checkpoint, args.overwrite, f"OUT {args.out}")
     hf_logging.disable_progress_bar()  # one line per phase below instead of transformers' bars on stderr
     saved = raw.get("dtype", raw.get("torch_dtype"))
     dtype = args.dtype or (saved if saved in ("float32", "bfloat16", "float16") else "float32")
@@ -214,14 +210,14 @@ def export_command(args: argparse.Namespace) -> int:
         model = ArborForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     except OSError as exc:
         raise ValueError(f"cannot load {args.checkpoint}: {str(exc).strip().splitlines()[0]}") from None
-    report = to_llama(model, args.out, atol=args.atol, dtype=dtype, overwrite=args.overwrite,
-                      progress=lambda message: print(f"  {message}", flush=True))
-    copied = []
-    for name in TOKENIZER_FILES:
-        source = os.path.join(args.checkpoint, name)
-        if os.path.isfile(source):
-            shutil.copy2(source, report.out_dir / name)
-            copied.append(name)
+    # The tokenizer goes in with the weights, before the directory gets its name: a failed copy
+    # leaves no export without its tokenizer.
+    tokenizer = {name: os.path.join(args.checkpoint, name) for name in TOKENIZER_FILES
+                 if os.path.isfile(os.path.join(args.checkpoint, name))}
+    with writing(args.out, args.checkpoint):
+        report = to_llama(model, args.out, atol=args.atol, dtype=dtype, overwrite=args.overwrite,
+                          extra_files=tokenizer, progress=lambda message: print(f"  {message}", flush=True))
+    copied = list(tokenizer)
     for line in report.lines():
         print(line)
     print(f"tokenizer: copied {', '.join(copied)}" if copied else f"tokenizer: none found in {args.checkpoint}")

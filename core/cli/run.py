@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 
@@ -11,8 +12,9 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from arbor.cli.common import TOKENIZER_FILES, checkpoint_config, command
+from arbor.cli.common import TOKENIZER_FILES, check_output, checkpoint_config, command, writing
 from arbor.growth.growable import ArborForCausalLM
+from arbor.model.checkpoint import replace_directory, sibling_directory
 from arbor.training.plot import plot_run
 from arbor.training.tokenizer import encode
 from arbor_plugins import DEFAULTS
@@ -49,8 +51,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be >= 1")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature} is invalid: must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan compares false to everything
+        raise ValueError(f"--temperature {args.temperature} is invalid: must be a finite number >= 0")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k} is invalid: must be >= 0 (0: all tokens)")
     model, tokenizer = _load(args.checkpoint)
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; generate needs the run's tokenizer")
@@ -63,6 +67,15 @@ def generate_command(args: argparse.Namespace) -> int:
     ids = encode(tokenizer, args.prompt, parse_special=args.parse_special, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty after tokenization; give some text")
+    # Past its positions the model runs on RoPE angles it never trained on: the text degrades
+    # without any error, so the limit is enforced here rather than discovered in the output.
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} is "
+            f"{ids.shape[1] + args.max_new_tokens} positions, past the model's max_position_embeddings={limit}; "
+            f"allowed: prompt tokens + --max-new-tokens <= {limit}"
+        )
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None) \
         if args.temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
@@ -94,10 +107,7 @@ def _grow_arguments(p: argparse.ArgumentParser) -> None:
          _grow_arguments)
 def grow_command(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.rstrip("/\\") + "-grown"
-    if os.path.abspath(out) == os.path.abspath(args.checkpoint):
-        raise ValueError(f"--out {out} is the checkpoint itself; choose another directory")
-    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    check_output(out, args.checkpoint, args.overwrite, f"--out {out}")
     if args.kv_heads is not None and args.heads is None:
         raise ValueError("--kv-heads only applies together with --heads")
     if args.policy is not None and args.depth is None:
@@ -121,18 +131,31 @@ def grow_command(args: argparse.Namespace) -> int:
         event = model.grow_hidden(args.hidden, init=args.init)
     with torch.no_grad():
         diff = (model(probe).logits - before).abs().max().item()
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(args.checkpoint, name)):
-            shutil.copy2(os.path.join(args.checkpoint, name), os.path.join(out, name))
+    with writing(out, args.checkpoint):
+        _save_grown(model, args.checkpoint, out, args.overwrite)
     grown = sum(p.numel() for p in model.parameters())
     exact = "exact" if event.exact else "not exact"
     print(f"grew {event.axis} with init {event.init!r} ({exact}): {params:,} -> {grown:,} parameters, "
           f"{model.config.num_hidden_layers} layers; max logit change on a probe batch {diff:.2g}")
     print(f"wrote {out}")
     return 0
+
+
+def _save_grown(model, checkpoint: str, out: str, overwrite: bool) -> None:
+    """Save ``model`` with ``checkpoint``'s tokenizer as ``out``: written aside, then renamed, so a
+    failure (a full disk) leaves ``out`` as it was; ``out`` is checked again just before it is
+    replaced, in case something appeared there while the model grew."""
+    tmp = sibling_directory(out, "grow")
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(checkpoint, name)):
+                shutil.copy2(os.path.join(checkpoint, name), tmp / name)
+        check_output(out, checkpoint, overwrite, f"--out {out}")
+        replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------------- plot

@@ -20,8 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,14 @@ from torch import nn
 from transformers import GenerationConfig, LlamaConfig
 
 from arbor.growth.lora import effective_weight
+from arbor.model.checkpoint import (
+    TOKENIZER_FILES,
+    UnsafeOutputError,
+    check_output_directory,
+    is_written_file,
+    replace_directory,
+    sibling_directory,
+)
 from arbor.model.config import ArborConfig, generation_config_to_save
 from arbor_plugins.components import embedding_matrix
 
@@ -281,10 +288,12 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"out_dir {os.fspath(out)} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"out_dir {os.fspath(out)} exists and is not empty; pass overwrite=True to replace it")
+    """The shared rule (`arbor.model.checkpoint.check_output_directory`): never a file or a run
+    directory, and an overwrite replaces only a directory of files arbor writes."""
+    try:
+        check_output_directory(out, overwrite=overwrite, label=f"out_dir {os.fspath(out)}")
+    except UnsafeOutputError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _save(sd: dict[str, torch.Tensor], llama_config: LlamaConfig, generation: GenerationConfig | None,
@@ -329,6 +338,7 @@ def to_llama(
     atol: float = 1e-5,
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, str | os.PathLike] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Write ``model`` (an `ArborForCausalLM`) as a plain `LlamaForCausalLM` checkpoint in ``out_dir``.
@@ -342,6 +352,12 @@ def to_llama(
     model's dtype) and renamed to ``out_dir``. Otherwise `ExportError`, and
     ``out_dir`` is left as it was. ``model`` is not changed and no growth hook
     fires; a model that is not float32 is checked through a float32 copy.
+
+    ``out_dir`` may be new or empty; with ``overwrite`` it may also hold an earlier checkpoint or
+    export, but nothing arbor does not write there (config, weights, tokenizer files: see
+    `arbor.model.checkpoint.check_output_directory`) and no training run; otherwise `ExportError`
+    naming the file. ``extra_files`` (name in ``out_dir`` -> source file, e.g. the tokenizer's, whose
+    names must be among those) are copied in before the directory gets its name.
     """
     say = progress or (lambda message: None)
     config = getattr(model, "config", None)
@@ -361,7 +377,14 @@ def to_llama(
     if not atol >= 0:
         raise ExportError(f"atol={atol!r} is invalid: must be a number >= 0")
     out = Path(out_dir).absolute()
+    if out.is_symlink():  # replace the directory it points to, not the link
+        out = Path(os.path.realpath(out))
     _check_target(out, overwrite)
+    extra = {name: Path(source) for name, source in (extra_files or {}).items()}
+    unknown = [name for name in extra if name != Path(name).name or not is_written_file(Path(name))]
+    if unknown:
+        raise ExportError(f"extra_files names {unknown[0]!r}; allowed: plain names of files arbor writes into a "
+                          f"checkpoint ({', '.join(TOKENIZER_FILES)})")
     ids, mask = _probe(config, probe_input_ids, probe_attention_mask)
 
     # --- sizes every layer is padded to
@@ -399,9 +422,7 @@ def to_llama(
     num_parameters = sum(v.numel() for v in sd.values())
     reference = model if model_dtype == torch.float32 else copy.deepcopy(model).float()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = sibling_directory(out, "export")
     try:
         say(f"writing float32 weights to {tmp}")
         _save(sd, llama_config, generation, tmp, torch.float32)
@@ -426,16 +447,10 @@ def to_llama(
             llama = _reload(tmp, device)  # upcast on load: what is measured is the rounding alone
             cast_diff = _diff(_logits(llama, ids, mask), expected)
             del llama
+        for name, source in extra.items():
+            shutil.copy2(source, tmp / name)
         _check_target(out, overwrite)  # again: the target may have appeared meanwhile
-        if out.is_dir() and any(out.iterdir()):  # overwrite: move the old export aside, then drop it
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out.is_dir():
-                out.rmdir()
-            tmp.rename(out)
+        replace_directory(tmp, out)  # an earlier export is moved aside, and dropped once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
