@@ -318,14 +318,14 @@ def break_export(monkeypatch):
 def test_verification_failure_leaves_no_export(tmp_path, monkeypatch):
     model = tiny()
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "keep.txt").write_text("previous export")
+    (tmp_path / "old" / "config.json").write_text("previous export")  # a file an export writes: replaceable
     break_export(monkeypatch)
     with pytest.raises(ExportError, match="verification failed.*atol"):
         to_llama(model, tmp_path / "out")
     with pytest.raises(ExportError, match="verification failed"):
         to_llama(model, tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no out, no temporary leftovers
-    assert (tmp_path / "old" / "keep.txt").read_text() == "previous export"
+    assert (tmp_path / "old" / "config.json").read_text() == "previous export"
 
 
 def test_out_dir_and_argument_rules(tmp_path):
@@ -334,9 +334,14 @@ def test_out_dir_and_argument_rules(tmp_path):
     to_llama(model, tmp_path / "empty")  # an empty directory is fine
     with pytest.raises(ExportError, match="not empty.*overwrite=True"):
         to_llama(model, tmp_path / "empty")
-    (tmp_path / "empty" / "stale.txt").write_text("x")
+    (tmp_path / "empty" / "model-00001-of-00002.safetensors").write_text("x")  # a stale shard: arbor's
     to_llama(model, tmp_path / "empty", overwrite=True)
-    assert not (tmp_path / "empty" / "stale.txt").exists()
+    assert not (tmp_path / "empty" / "model-00001-of-00002.safetensors").exists()
+    (tmp_path / "empty" / "stale.txt").write_text("x")  # not arbor's: an overwrite never removes it
+    with pytest.raises(ExportError, match="holds stale.txt, which arbor did not write"):
+        to_llama(model, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "stale.txt").read_text() == "x"
+    (tmp_path / "empty" / "stale.txt").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
     with pytest.raises(ExportError, match="dtype='int8'.*bfloat16"):
         to_llama(model, tmp_path / "x", dtype="int8")
@@ -383,7 +388,8 @@ def test_cli_export(checkpoint, tmp_path, capsys):
         (["missing", "--to", "llama", "out"], ["checkpoint directory missing does not exist"]),
         (["{tmp}", "--to", "llama", "out"], ["not an arbor checkpoint", "no config.json"]),
         (["{ckpt}", "--to", "onnx", "out"], ["--to 'onnx'", "allowed: llama"]),
-        (["{ckpt}", "--to", "llama", "{tmp}"], ["exists and is not empty", "--overwrite"]),
+        (["{ckpt}", "--to", "llama", "{tmp}"], ["contains the checkpoint"]),
+        (["{ckpt}", "--to", "llama", "{ckpt}/sub"], ["lies inside the checkpoint"]),
         (["{ckpt}", "--to", "llama", "out", "--broken"], ["verification failed", "atol"]),
     ],
 )
