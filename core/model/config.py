@@ -411,10 +411,15 @@ class ArborConfig(PreTrainedConfig):
         _positive_int("max_position_embeddings", self.max_position_embeddings)
         if not isinstance(self.min_layers, int) or isinstance(self.min_layers, bool) or self.min_layers < 1:
             raise ArborConfigError("min_layers", self.min_layers, "must be an integer >= 1")
-        if not self.rms_norm_eps > 0:
-            raise ArborConfigError("rms_norm_eps", self.rms_norm_eps, "must be > 0")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ArborConfigError("attention_dropout", self.attention_dropout, "must lie in [0, 1)")
+        # A string or a boolean here is a typo (rms_norm_eps = "1e-5", tie_word_embeddings = "false" reads
+        # as true): refused, not compared or taken for its truth value.
+        _real("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "a finite number > 0")
+        _real("attention_dropout", self.attention_dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        # The std of the normal new weights are drawn from: NaN or Infinity would fill the model with them.
+        _real("initializer_range", self.initializer_range, lambda v: v >= 0, "a finite number >= 0")
+        for name in ("tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArborConfigError(name, getattr(self, name), "must be true or false (a boolean)")
 
     def validate_arbor(self) -> None:
         """Check every field; raise `ArborConfigError` naming the first bad one.
@@ -533,6 +538,11 @@ def _unknown_key_error(unknown: list[str], kwargs: dict[str, Any]) -> ArborConfi
     if len(unknown) > 1:
         allowed += f" (also unknown: {', '.join(unknown[1:])})"
     return ArborConfigKeyError(key, kwargs[key], allowed, suggestion=suggestion)
+
+
+def _real(field: str, value: Any, ok: Any, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ArborConfigError(field, value, f"must be {allowed}")
 
 
 def _positive_int(field: str, value: Any) -> None:

@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from arbor.plugins import PluginError, get_registry
-from arbor_plugins import KINDS, Registry, UnknownComponentError
+from arbor.plugins import Guarded, PluginError, describe_plugin, get_registry
+from arbor_plugins import KINDS, Registry, UnknownComponentError, UserError
 from arbor_plugins.settings import PluginsFileError, describe_validation_error, parse_plugins_toml
 
-__all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "apply_rope_scaling", "load_plugins_toml"]
+__all__ = ["DEFAULT_PATH", "PluginsConfigError", "Selection", "apply_rope_scaling", "load_plugins_toml",
+           "validate_component_settings"]
 
 #: Looked for in the working directory when no path is given.
 DEFAULT_PATH = Path("plugins.toml")
@@ -107,12 +108,29 @@ def load_plugins_toml(path: str | Path | None = None, registry: Registry | None 
                 f"{path}: {kind}.name: unknown {kind} {table.name!r}; valid names: {valid}"
             ) from None
         try:
-            settings = component.validate_settings(table.settings)
+            settings = validate_component_settings(component, kind, table.name, table.settings)
         except ValidationError as exc:
             detail = describe_validation_error(exc, prefix=kind)
             raise PluginsConfigError(f"{path}: {detail}{_accepted(component)}") from None
+        except (UserError, PluginError) as exc:
+            raise PluginsConfigError(f"{path}: [{kind}] {str(exc).splitlines()[0]}") from None
         choices[kind] = Choice(table.name, component, settings)
     return Selection(choices, path)
+
+
+def validate_component_settings(component: Any, kind: str, name: str, settings: Any) -> BaseModel:
+    """``component.validate_settings(settings)``, the call the plugin guard leaves open so that a
+    `ValidationError` (or `UserError`) about the user's settings reaches the user as it is; any other
+    exception is the plugin's bug and becomes a one-line `PluginError` naming the plugin and its
+    distribution, not a traceback."""
+    try:
+        return component.validate_settings(settings)
+    except (ValidationError, UserError, PluginError):
+        raise
+    except Exception as exc:
+        owner = object.__getattribute__(component, "_owner") if type(component) is Guarded else name
+        raise PluginError(f"{describe_plugin(owner)} failed in {kind} {name!r}.validate_settings(): "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def _accepted(component: Any) -> str:

@@ -31,18 +31,18 @@ adding to each unknown key the allowed key nearest to it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from arbor.model.config import closest_field
+from arbor.model.config import KEY_ALIASES, ArborConfig, closest_field
 from arbor.training.config import TrainConfig
-from arbor_plugins.settings import describe_validation_error
 
-__all__ = ["CARD_GROWTH_KEYS", "CARD_MODEL_KEYS", "CARD_TRAINING_KEYS", "CardTranslation", "describe_settings_error",
-           "translate_card_keys"]
+__all__ = ["CARD_GROWTH_KEYS", "CARD_MODEL_KEYS", "CARD_TRAINING_KEYS", "FOREIGN_NAMES", "CardTranslation",
+           "describe_settings_error", "settings_problems", "translate_card_keys"]
 
 
 @dataclass(frozen=True)
@@ -280,20 +280,88 @@ def _translate_growth(table: dict[str, Any], where: str, writer: _Writer, result
 
 
 # ------------------------------------------------------------------ errors
+#: Names other trainers give arbor's settings, typed at the top level of a config or with ``--set``:
+#: the name -> (whose name it is, arbor's setting, what differs). Not accepted as synonyms (a config
+#: has one name for each thing): the error names arbor's setting instead of only "unknown setting".
+FOREIGN_NAMES: dict[str, tuple[str, str, str]] = {
+    **{key: ("Hugging Face", card.arbor, "") for key, card in CARD_TRAINING_KEYS.items() if key != card.arbor},
+    "train_batch_size": ("Hugging Face", "batch_size", ""),
+    "adam_beta1": ("Hugging Face", "betas", " (betas = [beta1, beta2])"),
+    "adam_beta2": ("Hugging Face", "betas", " (betas = [beta1, beta2])"),
+    "torch_compile": ("Hugging Face", "compile", ""),
+    "warmup_ratio": ("Hugging Face", "warmup_steps", " (a number of steps, not a fraction of the run)"),
+    "max_seq_length": ("Hugging Face", "seq_len", ""),
+    "dataset_name": ("Hugging Face", "data", ""),
+    "tokenizer_name": ("Hugging Face", "tokenizer", ""),
+    "max_iters": ("nanoGPT", "max_steps", ""),
+    "num_train_steps": ("nanoGPT", "max_steps", ""),
+    "lr_decay_iters": ("nanoGPT", "max_steps", " (the cosine decay always spans the whole run)"),
+    "block_size": ("nanoGPT", "seq_len", ""),
+    "warmup_iters": ("nanoGPT", "warmup_steps", ""),
+    "eval_iters": ("nanoGPT", "eval_batches", ""),
+    "gradient_accumulation": ("nanoGPT", "grad_accum", ""),
+    "beta1": ("nanoGPT", "betas", " (betas = [beta1, beta2])"),
+    "beta2": ("nanoGPT", "betas", " (betas = [beta1, beta2])"),
+    "min_lr": ("nanoGPT", "min_lr_ratio", " (a fraction of lr, not a learning rate)"),
+    "dataset": ("nanoGPT", "data", ""),
+    "n_layer": ("nanoGPT", "model.num_hidden_layers", ""),
+    "n_embd": ("nanoGPT", "model.hidden_size", ""),
+    "n_head": ("nanoGPT", "model.num_attention_heads", ""),
+}
+
+
 def describe_settings_error(exc: ValidationError, model: type[BaseModel] = TrainConfig) -> str:
-    """``exc`` (from validating ``model``) in one line; an unknown key gets the nearest allowed key."""
-    parts = []
+    """``exc`` (from validating ``model``) in one line: every problem, joined with ``; ``."""
+    return "; ".join(settings_problems(exc, model))
+
+
+def settings_problems(exc: ValidationError, model: type[BaseModel] = TrainConfig) -> list[str]:
+    """One ``path: message (got value)`` per error of ``exc``; an unknown key gets the allowed key nearest
+    to it, or arbor's name for a Hugging Face or nanoGPT one, and a mistyped value what to write."""
+    problems = []
     for error in exc.errors():
-        if error["type"] != "extra_forbidden":
+        *tables, key = [str(p) for p in error["loc"]] or [""]
+        path = ".".join((*tables, key)) or "value"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown setting{_unknown_hint(model, tables, key)}")
             continue
-        *tables, key = [str(p) for p in error["loc"]]
-        hint = closest_field(key, _allowed_keys(model, tables))
-        if hint:
-            parts.append((".".join((*tables, key)), ".".join((*tables, hint))))
-    text = describe_validation_error(exc)
-    for path, hint in parts:
-        text = text.replace(f"{path}: unknown setting", f"{path}: unknown setting; did you mean {hint}?", 1)
-    return text
+        message = error["msg"]
+        if "input" in error and error["type"] != "missing":
+            message += f" (got {error['input']!r}{_type_hint(error)})"
+        problems.append(f"{path}: {message}")
+    return problems
+
+
+def _unknown_hint(model: type[BaseModel], tables: list[str], key: str) -> str:
+    if model is TrainConfig and not tables:
+        if key in FOREIGN_NAMES:
+            whose, arbor, differs = FOREIGN_NAMES[key]
+            return f"; `{key}` is the {whose} name, arbor's is `{arbor}`{differs}"
+        if key in REFUSED_TRAINING_KEYS:  # Hugging Face's, with no arbor equivalent
+            return f"; `{key}` is a Hugging Face setting arbor has no equivalent for: {REFUSED_TRAINING_KEYS[key]}"
+        fields = {f for f in _model_fields()} - {"vocab_size"}
+        nearest = closest_field(key, fields)
+        if nearest is not None and (key in fields or key in KEY_ALIASES):  # a model setting, one level too high
+            return f"; did you mean model.{nearest}?"
+    hint = closest_field(key, _allowed_keys(model, tables))
+    return f"; did you mean {'.'.join((*tables, hint))}?" if hint else ""
+
+
+def _model_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(ArborConfig)]
+
+
+def _type_hint(error: dict[str, Any]) -> str:
+    """What to write instead, for a value of the wrong type whose text reads as the right one."""
+    value = error["input"]
+    if not isinstance(value, str):
+        return ""
+    if error["type"] == "bool_type" and value.lower() in ("true", "false"):
+        return f": write {value.lower()} without quotes"
+    if error["type"] in ("float_type", "int_type") and _number(value) != value:
+        # YAML 1.1 reads 2e-5 (no dot) as text; a quoted number is text in every format.
+        return ": write it as a number without quotes, in YAML with a dot and a signed exponent (2.0e-5)"
+    return ""
 
 
 def _allowed_keys(model: type[BaseModel], tables: list[str]) -> list[str]:

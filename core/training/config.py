@@ -8,17 +8,24 @@ Pure data and functions: the `Trainer` (`arbor.training.trainer`) runs them.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from arbor.training.stages import StageSettings, check_stages
 from arbor_plugins import DEFAULTS
 
 
 class _Strict(BaseModel):
-    # An infinite or NaN setting (lr=Infinity) would train garbage without an error.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # An infinite or NaN setting (lr=Infinity) would train garbage without an error. Strict types: pydantic's
+    # lax mode reads max_steps = true as 1 and "false" as False, so a quoted or mistyped value would train
+    # something else than was meant; an int for a float stays accepted (TOML, YAML and JSON write 1 for 1.0).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+#: One of AdamW's betas, a decay rate in [0, 1): at 1 Adam's bias correction 1 - beta**t divides by zero.
+_Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 
 
 class GrowthSettings(_Strict):
@@ -49,6 +56,17 @@ class GrowthSettings(_Strict):
     exactness: Literal["warn", "error"] = "warn"
     exact_tolerance: float = Field(1e-4, gt=0)
 
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _strict_stage_numbers(cls, stages):
+        # StageSettings reads lax types; a stage's lr_scale = true or "0.5" is refused here as elsewhere.
+        for k, stage in enumerate(stages if isinstance(stages, list) else []):
+            scale = stage.get("lr_scale") if isinstance(stage, dict) else None
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+                raise PydanticCustomError("strict_type", "stage {k}: lr_scale={scale} must be a number, not a {kind}",
+                                          {"k": k, "scale": repr(scale), "kind": type(scale).__name__})
+        return stages
+
     @field_validator("stages")
     @classmethod
     def _check_stages(cls, stages, info: ValidationInfo):
@@ -76,7 +94,8 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    #: JSON, TOML and YAML give a list; each entry is strict and in [0, 1).
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.95), strict=False)
     grad_clip: float = Field(1.0, ge=0)
     max_steps: int = Field(1000, ge=1)
     bf16: bool = False
