@@ -373,18 +373,27 @@ def hook_implementers(name: str) -> list[str]:
 
 
 def component_state(model) -> dict[str, Any]:
-    """The training state every plugin keeps for ``model`` (``arbor_state_dict``), merged by key."""
+    """The training state every plugin keeps for ``model`` (``arbor_state_dict``), merged by key.
+
+    Each implementation is called on its own, so a wrong result is named by its plugin's distribution.
+    """
     merged: dict[str, Any] = {}
-    for part in call_hook("arbor_state_dict", model=model):
-        if part is None:
-            continue
-        if not isinstance(part, dict):
-            raise PluginError(f"hook arbor_state_dict returned {type(part).__name__}; expected a dict or None")
-        clash = sorted(set(part) & set(merged))
-        if clash:
-            raise PluginError(f"hook arbor_state_dict: two plugins returned the key(s) {clash}; each plugin "
-                              "keeps its state under a key of its own")
-        merged.update(part)
+    owners: dict[str, str] = {}
+    for impl in reversed(_hook_caller("arbor_state_dict").get_hookimpls()):  # pluggy's order: last first
+        plugin = describe_plugin(impl.plugin_name)
+        try:
+            part = impl.function(**({"model": model} if "model" in impl.argnames else {}))
+        except Exception as exc:
+            raise PluginError(f"{plugin} failed in hook arbor_state_dict: {type(exc).__name__}: {exc}") from exc
+        if part is not None and not isinstance(part, dict):
+            raise PluginError(f"{plugin} returned a {type(part).__name__} from hook arbor_state_dict; "
+                              "expected a dict or None")
+        for key in part or {}:
+            if key in owners:
+                raise PluginError(f"hook arbor_state_dict: {owners[key]} and {plugin} both returned the key "
+                                  f"{key!r}; each plugin keeps its state under a key of its own")
+            owners[key] = plugin
+        merged.update(part or {})
     return merged
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from arbor.training.textfiles import read_document, utf8_lines
 from arbor.training.tokenizer import clean_text, encode
 
 #: The corpus spec naming the built-in corpus.
@@ -198,7 +199,8 @@ def load_corpus(spec: str | Path | Sequence[str | Path], *, field: str = "text")
     - ``"builtin"``: `builtin_corpus`; ``"stdlib"``: `stdlib_corpus`;
 
     - a ``.jsonl``/``.ndjson`` file: one JSON object per line, the document in ``field``;
-    - any other file: its whole UTF-8 text is one document;
+    - any other file: its whole UTF-8 text is one document (a binary file is refused; a few invalid
+      bytes become U+FFFD: `arbor.training.textfiles.read_document`);
     - a glob (``data/*.txt``, ``**`` allowed): the matches in sorted order, each as above;
     - a directory written by ``datasets``' ``save_to_disk``: its ``field`` column
       (a ``DatasetDict`` uses its ``train`` split);
@@ -252,36 +254,34 @@ def _load_path(path: Path, field: str) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"corpus file {str(path)!r}: not UTF-8 text (byte {error.start}: {error.reason})") from error
+    # Binary files are refused and a few stray bytes become U+FFFD: the rules are in arbor.training.textfiles.
+    return read_document(path, error=DataError)
 
 
 def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
     """The ``field`` of every JSON object in a JSON-lines file; blank lines are skipped.
 
-    A line that is not JSON, not an object, or lacks a string ``field`` is an
-    error naming the file and the line number.
+    A line that is not UTF-8, not JSON, not an object, or lacks a string ``field``
+    is an error naming the file and the line number.
     """
     path = Path(path)
     documents = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
-            if field not in record:
-                raise DataError(f"{where}: no {field!r} field (fields: {', '.join(map(repr, record)) or 'none'})")
-            if not isinstance(record[field], str):
-                raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
-            documents.append(record[field])
+    # JSON text is UTF-8 (RFC 8259): a line that is not is an error naming it, never replaced.
+    for number, line in utf8_lines(path, error=DataError):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
+        if field not in record:
+            raise DataError(f"{where}: no {field!r} field (fields: {', '.join(map(repr, record)) or 'none'})")
+        if not isinstance(record[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        documents.append(record[field])
     return documents
 
 

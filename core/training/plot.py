@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from arbor.training.textfiles import decode_line
+
 
 class PlotError(ValueError):
     """The run directory has nothing to plot (one-line message)."""
@@ -24,14 +26,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path}: no such file; give the --out directory of an 'arbor train' run")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):  # only the last line may be cut short (by a crash)
-                    raise PlotError(f"{path}:{number}: not valid JSON") from None
+    # Lines are split as bytes and decoded one by one, so a byte that is not UTF-8 is named by its line.
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        # Only the last line may be cut short by a crash, possibly inside a multi-byte character.
+        last = number == len(lines)
+        try:
+            records.append(json.loads(decode_line(path, number, raw, error=PlotError)))
+        except PlotError:
+            if not last:
+                raise
+        except json.JSONDecodeError:
+            if not last:
+                raise PlotError(f"{path}:{number}: not valid JSON") from None
     return records
 
 

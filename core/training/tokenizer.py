@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,21 @@ _SPECIAL_NAMES = {
     "eos_token": ("<|eos|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>"),
     "pad_token": ("<|pad|>", "<pad>", "<|finetune_right_pad_id|>"),
 }
+
+
+#: Longest piece of text the BPE trainer is given at once. The `tokenizers` trainer's time grows with
+#: the square of a word's length: a 3 MB file without whitespace, or 1 MB of one repeated character,
+#: ran for many minutes as one word. Text is cut into pieces at most this long, at word starts
+#: (see `_cut_at_word_starts`), so ordinary text splits into exactly the words it would uncut; only
+#: a run this long with no space or newline in it is cut inside, which bounds the trainer's time by
+#: (characters x this length).
+MAX_PIECE_CHARS = 1000
+#: Most characters BPE is trained on. A larger corpus is sampled (`training_sample`), evenly and
+#: deterministically: a tokenizer's merges settle long before this, and training time stays bounded
+#: (about 10-20 s on one core at this size). Every built-in corpus is smaller, so trains on all its text.
+MAX_TRAINING_CHARS = 20_000_000
+#: Above this many characters, training shows the trainer's progress bars when stderr is a terminal.
+PROGRESS_CHARS = 2_000_000
 
 
 class TokenizerError(ValueError):
@@ -69,6 +85,8 @@ def train_bpe(
     pad_token: str = PAD_TOKEN,
     extra_special_tokens: Iterable[str] = (),
     model_max_length: int | None = None,
+    max_chars: int = MAX_TRAINING_CHARS,
+    show_progress: bool | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``.
 
@@ -79,6 +97,12 @@ def train_bpe(
     callers that want one. The same texts and arguments give the same vocabulary
     and merges. ``vocab_size`` is an upper bound: a small corpus may run out of
     pairs that occur ``min_frequency`` times before reaching it.
+
+    Training takes bounded time whatever the text: the trainer sees at most
+    ``max_chars`` characters (`training_sample`), in pieces of at most
+    ``MAX_PIECE_CHARS``. ``show_progress`` shows the trainer's progress bars;
+    by default they show when the sample exceeds ``PROGRESS_CHARS`` and stderr
+    is a terminal.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -95,6 +119,11 @@ def train_bpe(
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise TokenizerError(f"min_frequency={min_frequency!r} is invalid: must be an integer >= 1")
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise TokenizerError(f"max_chars={max_chars!r} is invalid: must be a positive integer")
+    texts = [texts] if isinstance(texts, str) else texts if isinstance(texts, Sequence) else list(texts)
+    if show_progress is None:
+        show_progress = min(sum(map(len, texts)), max_chars) > PROGRESS_CHARS and sys.stderr.isatty()
 
     tokenizer = Tokenizer(models.BPE())
     # No prefix space: a leading space would be invented on every encode and
@@ -107,9 +136,9 @@ def train_bpe(
         min_frequency=min_frequency,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(training_sample(texts, max_chars), trainer=trainer)
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -119,6 +148,56 @@ def train_bpe(
         extra_special_tokens=list(specials[3:]) or None,
         **kwargs,
     )
+
+
+def training_sample(texts: Sequence[str], max_chars: int = MAX_TRAINING_CHARS,
+                    piece_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """The text BPE trains on: ``texts`` cut into pieces of at most ``piece_chars`` characters
+    (`_cut_at_word_starts`), of which at most ``max_chars`` characters are kept.
+
+    When ``texts`` hold more, pieces are kept evenly across the whole corpus: a piece is kept when
+    keeping it leaves the characters kept so far within ``max_chars / total`` of those seen. The
+    sample depends only on the texts, so the same corpus trains the same tokenizer on every run.
+    """
+    total = sum(map(len, texts))
+    share = min(1.0, max_chars / total) if total else 1.0
+    seen = kept = 0
+    for text in texts:
+        for piece in _cut_at_word_starts(text, piece_chars):
+            seen += len(piece)
+            if kept + len(piece) <= share * seen:
+                kept += len(piece)
+                yield piece
+
+
+# How many spaces or newlines `_cut_at_word_starts` tries before it cuts where the piece is full.
+_CUT_TRIES = 64
+
+
+def _cut_at_word_starts(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each but the first starting at
+    a space or newline that is followed by a non-space character.
+
+    The byte-level pre-tokenizer always starts a word at such a character (a space joins the word
+    after it; a newline before a word is a word of its own, and any whitespace before it another),
+    so the pieces split into the same words as the whole text. Where the last ``limit`` characters
+    hold no such place (a long run with no whitespace), the piece is cut where it is full.
+    """
+    start = 0
+    while len(text) - start > limit:
+        full = start + limit  # < len(text), so text[i + 1] below exists
+        cut, i = full, full
+        for _ in range(_CUT_TRIES):
+            i = max(text.rfind(" ", start + 1, i), text.rfind("\n", start + 1, i))
+            if i < 0:
+                break
+            if not text[i + 1].isspace():
+                cut = i
+                break
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path, model_max_length: int) -> None:
