@@ -109,6 +109,9 @@ def test_names_arbor_shares_with_hugging_face_are_taken(tmp_path, capsys):
     ('model.rms_norm_eps="1e-5"', ["model.rms_norm_eps='1e-5' is invalid: must be a finite number > 0"]),
     ("model.attention_dropout=true", ["model.attention_dropout=True is invalid: must be a number in [0, 1)"]),
     ("model.hidden_size=true", ["model.hidden_size=True is invalid: must be a positive integer"]),
+    ("model.preset=[]", ["model.preset=[] is invalid: must be one of"]),
+    ('model.hidden_act=["silu"]', ["model.hidden_act=['silu'] is invalid: must be one of"]),
+    ("model.dtype=float17", ["model.dtype='float17' is invalid: transformers cannot read it"]),
 ])
 def test_a_value_of_the_wrong_type_is_refused_not_converted(tmp_path, capsys, setting, fragments):
     code, error = check(tmp_path, capsys, setting)
@@ -185,7 +188,8 @@ def _schedule(marks, num_layers, max_layers, max_steps=100):
 
 def test_a_schedule_that_grows_past_max_layers_is_refused(tmp_path, capsys):
     code, error = check(tmp_path, capsys, "model.max_layers=7", "growth.trigger=schedule",
-                        'growth.trigger_settings={"steps": [10, 20, 30]}', 'growth.step={"axis": "depth", "num_layers": 2}')
+                        'growth.trigger_settings={"steps": [10, 20, 30]}',
+                        'growth.step={"axis": "depth", "num_layers": 2}')
     assert code == 2
     assert "growth: growth step 3 of the schedule (at step 30) would grow the model to 8 layers, past " \
            "model.max_layers=7 (it starts with 2)" in error

@@ -458,7 +458,7 @@ class ArborConfig(PreTrainedConfig):
             raise ArborConfigError("max_layers", self.max_layers, f"must be >= num_hidden_layers={n}")
         if self.max_layers is not None and self.max_layers < self.min_layers:
             raise ArborConfigError("max_layers", self.max_layers, f"must be >= min_layers={self.min_layers}")
-        if self.hidden_act not in ACT2FN:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ArborConfigError("hidden_act", self.hidden_act, f"must be one of {', '.join(sorted(ACT2FN))}")
         if not isinstance(self.substrate, str) or not self.substrate:
             raise ArborConfigError("substrate", self.substrate, "must be the name of a registered substrate")
@@ -493,7 +493,7 @@ class ArborConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ArborConfig:
         """A config from a named preset (`arbor presets` lists them), with overrides."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ArborConfigError("preset", name, f"must be one of {', '.join(PRESETS)}")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
 

@@ -180,11 +180,25 @@ def check_model_settings(model: dict[str, Any], vocab_size: int) -> ArborConfig:
             from None
     except ArborConfigError as exc:
         raise ValueError(f"config: model.{exc.field}={exc.value!r} is invalid: {exc.allowed}") from None
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:  # transformers' own keys (dtype, id2label)
+        key = _culprit(spec, vocab_size) or "<table>"
+        raise ValueError(f"config: model.{key}={spec.get(key)!r} is invalid: transformers cannot read it "
+                         f"({type(exc).__name__}: {exc})") from None
     # A min_layers the run gives (not a preset's) bounds where it starts: growth only adds layers.
     if "min_layers" in spec and config.min_layers > config.num_hidden_layers:
         raise ValueError(f"config: model.min_layers={config.min_layers!r} is invalid: must be <= the starting depth, "
                          f"model.num_hidden_layers={config.num_hidden_layers}")
     return config
+
+
+def _culprit(spec: dict[str, Any], vocab_size: int) -> str | None:
+    """The key of the model table that alone makes building the config fail."""
+    for key, value in spec.items():
+        try:
+            ArborConfig.from_preset("tiny", **{key: value, "vocab_size": vocab_size})
+        except Exception:  # noqa: BLE001 - any failure marks the key
+            return key
+    return None
 
 
 def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_config: ArborConfig | None) -> list[str]:
