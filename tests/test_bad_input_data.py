@@ -247,3 +247,11 @@ def test_two_plugins_returning_one_state_key_are_both_named(install):
     with pytest.raises(PluginError, match=r"plugin 'state(one|two)' .* and plugin 'state(one|two)' .* both "
                                           r"returned the key 'shared'"):
         component_state(_tiny())
+
+
+def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_bytes(b'max_steps = 1\nsample_prompt = "caf\xe9"\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{config}:2: not UTF-8 text" in err[0]

@@ -251,9 +251,6 @@ def test_the_cli_reports_every_type_and_range_problem_at_once(tmp_path, capsys):
         assert fragment in error, error
 
 
-@pytest.mark.xfail(strict=True, reason="core/cli/train.py validates with TrainConfig.model_validate; it must call "
-                                       "arbor.training.preflight.validate_run_settings for the preflight problems "
-                                       "to join the validation errors (remove this mark when it does)")
 def test_the_cli_reports_five_problems_of_both_kinds_at_once(tmp_path, capsys):
     code, error = check(tmp_path, capsys, "lr=-1", "betas=[2, 0.9]", "model.preset=tiny", "model.num_hiden_layers=4",
                         "growth.init=nope", "device=meta")
@@ -317,3 +314,13 @@ def test_a_plugins_toml_choosing_that_plugin_is_one_line_too(picky_plugin, tmp_p
     errors = captured.err.strip().splitlines()
     assert len(errors) == 1 and "Traceback" not in captured.err
     assert "[trigger] plugin 'pickyplug' 0.2" in errors[0] and "TypeError: settings must be frozen" in errors[0]
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    from arbor.cli.main import build_parser
+    from arbor.cli.train import build_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 2e-3\nmin_lr_ratio: 1E-1\nsample_prompt: 1e5x\n")
+    config = build_config(build_parser().parse_args(["train", str(path)]))
+    assert config.lr == 2e-3 and config.min_lr_ratio == 0.1 and config.sample_prompt == "1e5x"

@@ -146,17 +146,17 @@ def test_min_layers_is_the_starting_depth_when_none_is_given(tmp_path):
 def test_min_layers_above_the_starting_depth_is_refused(tmp_path, capsys):
     path = tmp_path / "card.yaml"
     path.write_text(CARD.replace("num_layers: 24", "num_layers: 8"))
-    line = usage_error(capsys, ["train", str(path), "--check"])
+    line = usage_error(capsys, ["train", str(path), "--check", "--out", str(tmp_path / "run")])
     assert "model.min_layers=24 is invalid: must be <= the starting depth, model.num_hidden_layers=8" in line
 
 
 def test_a_card_key_and_an_arbor_setting_that_disagree_are_refused(tmp_path, capsys):
     path = tmp_path / "card.yaml"
     path.write_text(CARD.replace("  num_layers: 24", "  num_hidden_layers: 12\n  num_layers: 24"))
-    line = usage_error(capsys, ["train", str(path), "--check"])
+    line = usage_error(capsys, ["train", str(path), "--check", "--out", str(tmp_path / "run")])
     assert "model.num_layers = 24 sets model.num_hidden_layers, but model.num_hidden_layers sets it to 12" in line
     path.write_text(CARD_TOP_LEVEL + "  enabled: false\n")  # arbor's switch off, the card's layer growth on
-    line = usage_error(capsys, ["train", str(path), "--check"])
+    line = usage_error(capsys, ["train", str(path), "--check", "--out", str(tmp_path / "run")])
     assert "growth.layer_growth_enabled = true sets growth.enabled, but growth.enabled sets it to false" in line
 
 
@@ -183,7 +183,7 @@ def test_a_card_key_and_an_arbor_setting_that_disagree_are_refused(tmp_path, cap
 def test_an_unknown_key_is_one_line_naming_the_nearest_allowed_key(tmp_path, capsys, text, expected):
     path = tmp_path / "card.yaml"
     path.write_text(text)
-    assert expected in usage_error(capsys, ["train", str(path), "--check"])
+    assert expected in usage_error(capsys, ["train", str(path), "--check", "--out", str(tmp_path / "run")])
 
 
 def test_the_docs_table_lists_every_card_key():

@@ -72,3 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except PluginError as exc:  # someone else's code failed: name it, without arbor's traceback
         print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine, not the command line: a full disk, a folder it may not write
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}; files arbor finished writing before it are intact",
+              file=sys.stderr)
+        return 1

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from pydantic import ValidationError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 
@@ -32,12 +32,14 @@ from arbor.model.config import ArborConfig
 from arbor.plugins import get_registry
 from arbor.plugins.selection import apply_rope_scaling, load_plugins_toml
 from arbor.training import distributed
-from arbor.training.card_config import describe_settings_error, translate_card_keys
+from arbor.training.card_config import translate_card_keys
 from arbor.training.checkpointing import latest_checkpoint, latest_intact_checkpoint, load_trainer_state
 from arbor.training.data import PackedDataset, load_split
 from arbor.training.distributed import Ranks
 from arbor.training.plot import plot_run
-from arbor.training.preflight import check_run
+from arbor.training.textfiles import read_utf8
+from arbor.training.preflight import check_run, validate_run_settings
+from arbor.training.rundir import LOCK, RunLock, check_checkpoint, check_out, check_own, holds_run, write_config
 from arbor.training.sharding import check_growth_settings
 from arbor.training.tokenizer import load_tokenizer, train_bpe
 from arbor.training.trainer import TrainConfig, Trainer, TrainingStopped, truncate_metrics
@@ -122,16 +124,28 @@ def apply_override(target: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_value(value.strip())
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``2e-3`` as the number it is: YAML 1.1 (PyYAML) wants a dot in a
+    float and would hand ``lr: 2e-3`` on as text, which the typed settings then refuse."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_utf8(file)  # a byte that is not UTF-8: an error naming the line and column
     try:
         if file.suffix == ".json":  # what a run saves as train_config.json
             data = json.loads(text)
         elif file.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_YamlLoader) or {}
         else:
             data = tomllib.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parser error is the user's file, shown in one line
@@ -155,16 +169,27 @@ RESUMABLE = ("max_steps", "lr", "min_lr_ratio", "grad_clip", "eval_interval", "e
              "compile")
 
 
-def resume_config(saved: dict[str, Any], args: argparse.Namespace):
-    """The saved settings of a run being resumed, with the ``--set`` / ``--max-steps`` that may change."""
+def resume_config(saved: dict[str, Any], args: argparse.Namespace, selection=None):
+    """The saved settings of a run being resumed, with the ``--set`` / ``--max-steps`` that may change.
+
+    A CONFIG or ``--recipe`` given with ``--resume`` (the command that started the run, plus
+    ``--resume``) is accepted when it describes the same run: its settings must equal the saved
+    ones except those in `RESUMABLE`, which it may change like ``--set``.
+    """
+    data = copy.deepcopy(saved)
     if args.config or args.recipe != "default":
         given = f"CONFIG {args.config}" if args.config else f"--recipe {args.recipe}"
-        raise ValueError(f"{given}: --resume continues the run with its saved settings; change only "
-                         f"{', '.join(RESUMABLE)} with --set")
-    if args.data is not None and args.data != saved.get("data"):
+        raw = gather_settings(args)
+        new = _validate(raw, selection).model_dump(mode="json")
+        for key in sorted(set(new) & set(saved)):
+            if key not in RESUMABLE and new[key] != saved[key]:
+                raise ValueError(f"{given}: {key}={new[key]!r}, but the run being resumed has {key}={saved[key]!r}; "
+                                 f"--resume continues a run with its saved settings, changing only "
+                                 f"{', '.join(RESUMABLE)}; start a new run (another --out) for other settings")
+        data.update({key: raw[key] for key in RESUMABLE if key in raw})
+    elif args.data is not None and args.data != saved.get("data"):
         raise ValueError(f"--data {args.data}: --resume continues on the run's own data ({saved.get('data')!r}); "
                          "start a new run (another --out) to train on other data")
-    data = copy.deepcopy(saved)
     for assignment in args.set or []:
         key = assignment.partition("=")[0].strip()
         before = copy.deepcopy(data)
@@ -176,13 +201,11 @@ def resume_config(saved: dict[str, Any], args: argparse.Namespace):
         data["max_steps"] = args.max_steps
     if getattr(args, "compile", False):
         data["compile"] = True
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"config: {describe_settings_error(exc)}") from None
+    return _validate(data, selection)
 
 
-def build_config(args: argparse.Namespace):
+def gather_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line gives, unvalidated: recipe, CONFIG, ``--set``, then the flags."""
     data = load_recipe(args.recipe)
     if args.config:
         # A file may use the Arbor card's keys (model.num_layers, growth.layer_growth_*): read as arbor's.
@@ -201,14 +224,20 @@ def build_config(args: argparse.Namespace):
         data["max_steps"] = args.max_steps
     if getattr(args, "compile", False):
         data["compile"] = True
-    try:
-        config = TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"config: {describe_settings_error(exc)}") from None
-    return config
+    return data
 
 
-def prepare(config, echo=print):
+def _validate(data: dict[str, Any], selection=None) -> TrainConfig:
+    # Every problem at once: the validation errors, and what check_run finds in the settings that did validate.
+    return validate_run_settings(data, selection)
+
+
+def build_config(args: argparse.Namespace, selection=None):
+    """The settings of a new run, validated (`gather_settings`)."""
+    return _validate(gather_settings(args), selection)
+
+
+def prepare(config, echo=print, progress=True):
     """Corpus -> tokenizer -> packed train/validation blocks."""
     # "stdlib" is split by file (a hash of each file's relative path); other corpora by split_documents.
     documents, train_docs, val_docs = load_split(config.data, seed=config.seed)
@@ -218,7 +247,7 @@ def prepare(config, echo=print):
     if tokenizer is not None:
         echo(f"tokenizer: the {config.model.get('substrate')!r} substrate's own, {len(tokenizer):,} tokens")
     elif config.tokenizer in ("auto", "bpe"):
-        tokenizer = train_bpe(train_docs, vocab_size=config.vocab_size)
+        tokenizer = train_bpe(train_docs, vocab_size=config.vocab_size, show_progress=None if progress else False)
         echo(f"tokenizer: byte-level BPE trained on the training split, {len(tokenizer):,} tokens")
     else:
         tokenizer = load_tokenizer(config.tokenizer)
@@ -290,8 +319,6 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     """``arbor train --nproc N``: this command again in N processes, under torchrun's elastic agent."""
-    if args.nproc < 1:
-        raise ValueError(f"--nproc {args.nproc} is invalid: must be >= 1")
     if Ranks.from_env().distributed:
         raise ValueError("--nproc: this process is already one of a distributed run (torchrun set WORLD_SIZE); "
                          "start either with torchrun or with --nproc, not both")
@@ -314,52 +341,109 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, out: Path, warn, selection=None, started: bool | None = None
+          ) -> tuple[TrainConfig, Path | None, bool]:
+    """What the command will do in ``out``, found by reading only: the run's settings, the checkpoint
+    it resumes from (or None), and whether it starts again a run that has no checkpoint yet.
+
+    ``started``: whether an earlier process had begun a run there (left the lock file); by default,
+    whether the lock file is there now (the caller that has just written it says what it found before).
+    """
+    checkpoint = latest_intact_checkpoint(out, warn=warn) if args.resume else None
+    if args.resume and checkpoint is None and latest_checkpoint(out) is not None:
+        raise ValueError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged (see the warnings above)")
+    if checkpoint is not None:
+        saved, _ = load_trainer_state(checkpoint)
+        check_checkpoint(checkpoint, saved, out, RESUMABLE)
+        config = resume_config(saved["config"], args, selection)
+        if config.max_steps <= saved["step"]:
+            raise ValueError(f"--max-steps {config.max_steps}: the run is at step {saved['step']} already "
+                             f"({checkpoint.name}); give a larger --max-steps to train on")
+        return config, checkpoint, False
+    if not args.resume:
+        config = build_config(args, selection)  # a mistake in the settings first: it is what the user came to fix
+        if latest_checkpoint(out) is not None and not args.check:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return config, None, holds_run(out)
+    # --resume, and no checkpoint: a run killed before its first one starts again from step 0, with
+    # its saved settings when it got as far as writing them (the lock file is written before them).
+    if holds_run(out):
+        try:
+            saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{out / 'train_config.json'}: cannot be read ({exc})") from None
+        return resume_config(saved, args, selection), None, True
+    if (out / LOCK).is_file() if started is None else started:
+        return build_config(args, selection), None, True
+    raise ValueError(f"--resume: {out} holds no run to resume (no checkpoint, no train_config.json); "
+                     "start without --resume")
+
+
 @command("train", "Train a growing model: built-in corpus and settings by default.", _train_arguments)
 def train_command(args: argparse.Namespace) -> int:
     if args.parallel not in distributed.PARALLEL:
         raise ValueError(f"--parallel {args.parallel!r} is unknown; allowed: {', '.join(distributed.PARALLEL)}")
-    if args.nproc is not None and not args.check:
+    out = check_out(args.out)
+    selection = load_plugins_toml(args.plugins)
+    if args.check:  # reads the settings (and, with --resume, the checkpoint); writes nothing
+        return _check(args, out, selection)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc {args.nproc} is invalid: must be >= 1")
+        # Every problem of the command line before a process starts: each process would print it again.
+        check_own(out)
+        config, _, _ = _plan(args, out, lambda message: None, selection)
+        _preflight(config, selection, args.parallel)
+        distributed.check_batch_size(config.batch_size, Ranks(world_size=args.nproc))
         return _launch(args)
     ranks = Ranks.from_env()
-    say = print if ranks.main else (lambda *a, **k: None)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a directory; choose another --out")
-    selection = load_plugins_toml(args.plugins)
-    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
-    resume_from = latest_intact_checkpoint(out, warn=warn) if args.resume else None
-    if args.resume and resume_from is None and latest_checkpoint(out) is not None:
-        raise ValueError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged (see the warnings above)")
-    if args.resume and resume_from is None and not (out / "train_config.json").is_file():
-        raise ValueError(f"--resume: {out} holds no run to resume (no checkpoint, no train_config.json); "
-                         "start without --resume")
-    if not args.resume and latest_checkpoint(out) is not None:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    # Killed before its first checkpoint: nothing was saved, so the run starts again from step 0
-    # (with its saved settings under --resume) and the records it had logged are replaced.
-    restart = resume_from is None and ((out / "train_config.json").is_file() or (out / "metrics.jsonl").is_file())
-    if restart and args.resume:
-        args.config, args.recipe, args.set = str(out / "train_config.json"), "default", []
-    if resume_from is not None:
-        saved, _ = load_trainer_state(resume_from)
-        config = resume_config(saved["config"], args)
-    else:
-        config = build_config(args)
+    check_own(out)  # before the lock, which would be the first file arbor writes there
+    started = (out / LOCK).is_file()
+    lock = RunLock(out).acquire() if ranks.main else None  # one process per run directory
+    try:
+        return _train(args, out, selection, ranks, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _preflight(config, selection, parallel: str) -> dict[str, Any]:
     resolved = check_run(config, selection)  # every problem now, before data, tokenizer or model
-    if args.parallel == "fsdp":
+    if parallel == "fsdp":
         check_growth_settings(config.growth.model_dump())
-    if args.check:
-        print(json.dumps({"settings": config.model_dump(mode="json"), "resolved": resolved}, indent=1))
-        print("ok: the run's settings are valid")
-        return 0
+    return resolved
+
+
+def _check(args: argparse.Namespace, out: Path, selection) -> int:
+    """``arbor train --check``: the resolved run, or every problem with its settings."""
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    config = _plan(args, out, warn, selection)[0]
+    resolved = _preflight(config, selection, args.parallel)
+    print(json.dumps({"settings": config.model_dump(mode="json"), "resolved": resolved}, indent=1))
+    if not args.resume and latest_checkpoint(out) is not None:
+        print(f"note: {out} already holds a run; to start this one give another --out (or --resume to continue "
+              "that one)")
+    print("ok: the run's settings are valid")
+    return 0
+
+
+def _train(args: argparse.Namespace, out: Path, selection, ranks: Ranks, started: bool) -> int:
+    say = print if ranks.main else (lambda *a, **k: None)
+    check_own(out)
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    config, resume_from, restart = _plan(args, out, warn, selection, started)
+    _preflight(config, selection, args.parallel)
     distributed.check_batch_size(config.batch_size, ranks)
     distributed.init(ranks, config.device)
     distributed.barrier(ranks)  # every rank has looked at --out before rank 0 writes to it
-    if restart and ranks.main:
-        print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
-        truncate_metrics(out, -1)
+    if ranks.main and resume_from is None:
+        if restart:
+            print(f"{out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+            truncate_metrics(out, -1)  # the records of the run being started again, which arbor wrote
+        # The run's settings before anything else: a run killed from here on can be resumed.
+        write_config(out, config.model_dump(mode="json"))
     torch.manual_seed(config.seed)
-    tokenizer, train_blocks, val_blocks = prepare(config, echo=say)
+    tokenizer, train_blocks, val_blocks = prepare(config, echo=say, progress=not args.no_progress)
     quiet = dict(progress=not args.no_progress, plugins=selection, ranks=ranks, parallel=args.parallel)
     if resume_from is not None:
         say(f"resuming from {resume_from}")
@@ -367,9 +451,6 @@ def train_command(args: argparse.Namespace) -> int:
                                  **quiet)
     else:
         model = build_model(config, tokenizer, selection)
-        if ranks.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
         trainer = Trainer(model, config, train_blocks, val_blocks, out, tokenizer=tokenizer, **quiet)
     layers = trainer.model.config.num_hidden_layers
     where = f" in {ranks.world_size} processes ({args.parallel})" if ranks.distributed else ""

@@ -72,8 +72,13 @@ from arbor.training.stages import (
     stage_label,
     trainable_parts,
 )
+from arbor.training.textfiles import decode_line
 from arbor.training.tokenizer import encode
 from arbor_plugins import Decision, TriggerState
+
+
+#: With ``on_nonfinite = "skip"``, how many non-finite steps in a row are skipped before the run stops.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 class TrainingStopped(RuntimeError):
@@ -135,6 +140,7 @@ class Trainer:
         self.progress, self.echo = progress and self.ranks.main, echo if self.ranks.main else _silent
         self.step, self.tokens, self.history = 0, 0, []
         self.nonfinite_steps = 0
+        self.skipped_in_a_row = 0  # non-finite steps skipped since the last applied update
         self.flops = FlopCounter()  # training FLOPs so far, counted from the model of each step
         self._compiled = None  # the compiled training forward (config.compile), built on first use
         self._ddp = None  # the DistributedDataParallel wrapper of a distributed run, rebuilt after growth
@@ -249,12 +255,23 @@ class Trainer:
                     "to skip such steps"
                 )
             self._log({"event": "skipped", "step": self.step + 1, "loss": total, "grad_norm": norm})
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                # Skipping is for a rare bad batch; a model that no longer gives a finite loss would
+                # otherwise "finish" the run having learnt nothing, and exit as if it had.
+                last = latest_checkpoint(self.out)
+                kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
+                raise TrainingStopped(
+                    f"step {self.step + 1}: {self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"norm and were skipped (on_nonfinite=skip allows {MAX_SKIPPED_IN_A_ROW}); stopped, and {kept}. "
+                    f"Lower lr (now {c.lr})")
             self.step += 1  # the batch is consumed, as in the uninterrupted schedule
             self.tokens += c.batch_size * c.grad_accum * self.train_blocks.shape[1]
             return total
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_warmup(self.optimizer)
+        self.skipped_in_a_row = 0
         self.step += 1
         self.tokens += c.batch_size * c.grad_accum * self.train_blocks.shape[1]
         return total
@@ -498,7 +515,14 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = decode_line(path, number, raw)  # a byte that is not UTF-8: an error naming the file and line
+        except ValueError:
+            if number == len(lines):  # a crash may cut the last line inside a multi-byte character
+                continue
+            raise
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
