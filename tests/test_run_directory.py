@@ -236,3 +236,11 @@ def test_skipping_non_finite_steps_is_bounded(tmp_path):
     with pytest.raises(TrainingStopped, match=f"{MAX_SKIPPED_IN_A_ROW + 1} steps in a row"):
         trainer.fit()
     assert trainer.step == MAX_SKIPPED_IN_A_ROW
+
+
+def test_a_recipe_is_a_name_never_a_path(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text("max_steps = 1\n")
+    relative = os.path.relpath(elsewhere.with_suffix(""), Path(__file__).resolve().parents[1] / "core" / "cli" / "recipes")
+    line = refused(capsys, ["train", "--check", "--recipe", relative, "--out", str(tmp_path / "run")])
+    assert "is unknown" in line and "as CONFIG" in line

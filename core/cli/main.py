@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from arbor.cli import info, run, train  # noqa: F401 - importing them registers their subcommands
 from arbor.cli.common import COMMANDS, PROG, USAGE_ERROR, Parser, package_version
@@ -46,10 +47,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, like the errors, without the source line Python would print under it."""
+    text = " ".join(str(message).split())
+    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for a command that starts itself again
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with the errors a user can act on as one line and an exit code."""
     try:
         return args._run(args)
     except BrokenPipeError:  # `arbor presets | head`: the reader left; not an error worth a traceback

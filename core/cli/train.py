@@ -85,9 +85,10 @@ def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings of recipe ``name`` (a built-in one, or ``RECIPE_DIR/NAME.toml`` merged onto what it extends)."""
     if name in RECIPES:
         return copy.deepcopy(RECIPES[name])
+    if name not in recipe_names():  # a name, never a path: `--recipe ../x` must not read any TOML on disk
+        hint = "; a settings file is given as CONFIG (arbor train FILE)" if "/" in name or "\\" in name else ""
+        raise ValueError(f"--recipe {name!r} is unknown; allowed: {', '.join(recipe_names())}{hint}")
     file = RECIPE_DIR / f"{name}.toml"
-    if not file.is_file():
-        raise ValueError(f"--recipe {name!r} is unknown; allowed: {', '.join(recipe_names())}")
     data = tomllib.loads(file.read_text(encoding="utf-8"))
     about = data.pop("recipe", {})
     unknown = sorted(set(about) - {"description", "extends"})
