@@ -47,22 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _format_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as one line, like the errors, without the source line Python would print under it."""
     text = " ".join(str(message).split())
-    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
+    return f"{PROG}: warning: {text}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``arbor`` program; returns the exit status (the console script exits with it)."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for a command that starts itself again
-    shown = warnings.showwarning
-    warnings.showwarning = _show_warning
+    # The format only: whoever records warnings (a test, a calling program) still gets them whole.
+    formatted = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return _run(args)
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted
 
 
 def _run(args: argparse.Namespace) -> int:
