@@ -39,7 +39,7 @@ def test_grow_writes_an_exactly_grown_checkpoint(checkpoint, tmp_path, capsys, f
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["grow", "{ckpt}", "--depth", "1", "--out", "{ckpt}"], "checkpoint itself"),
+    (["grow", "{ckpt}", "--depth", "1", "--out", "{ckpt}"], "is the checkpoint"),
     (["grow", "{ckpt}", "--width", "8"], "shrink"),
     (["grow", "{ckpt}", "--depth", "1", "--init", "masked"], "masked"),
     (["grow", "{ckpt}", "--width", "256", "--kv-heads", "2"], "--kv-heads"),
