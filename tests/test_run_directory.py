@@ -244,3 +244,13 @@ def test_a_recipe_is_a_name_never_a_path(tmp_path, capsys):
     relative = os.path.relpath(elsewhere.with_suffix(""), Path(__file__).resolve().parents[1] / "core" / "cli" / "recipes")
     line = refused(capsys, ["train", "--check", "--recipe", relative, "--out", str(tmp_path / "run")])
     assert "is unknown" in line and "as CONFIG" in line
+
+
+def test_an_out_arbor_may_not_write_is_one_line(tmp_path, capsys, monkeypatch):
+    # Tests run as root, for whom chmod does not forbid: the refusal the kernel would give, given directly.
+    def forbidden(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", forbidden)
+    line = refused(capsys, ["train", "--out", str(tmp_path / "locked" / "run"), *TINY])
+    assert "cannot write there (permission denied)" in line
