@@ -109,6 +109,9 @@ class InitScheme(Component):
     exact: ClassVar[bool] = False
     #: Growth axes the scheme can initialise ("depth", "ffn", "heads", "hidden").
     axes: ClassVar[tuple[str, ...]] = ("depth", "ffn", "heads", "hidden")
+    #: Whether new layers are built from existing ones; such a scheme is refused before a model
+    #: with no layers grows, since there is nothing to copy.
+    copies_layers: ClassVar[bool] = False
 
     def initialize(self, model: nn.Module, event: GrowthEvent, settings: BaseModel) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -478,6 +478,7 @@ class CopyNeighborInit(InitScheme):
     description = "a new layer copies its nearest old layer, plus optional noise (the Arbor seed; not exact)"
     exact = False
     axes = ("depth",)
+    copies_layers = True
     Settings = CopySettings
 
     def initialize(self, model, event, settings: CopySettings) -> None:
@@ -493,6 +494,7 @@ class StackInit(InitScheme):
     description = "new layers repeat the trained stack in order, appended by default (G_stack; not exact)"
     exact = False
     axes = ("depth",)
+    copies_layers = True
     Settings = CopySettings
 
     def default_positions(self, model, num_layers: int) -> list[int]:

@@ -66,6 +66,9 @@ class UtilizationSettings(StrictSettings):
 
 class UtilizationState(TriggerState):
     def __init__(self, model, settings: UtilizationSettings):
+        if model.config.num_hidden_layers == 0:  # no layer to measure: it would wait forever without a word
+            raise ValueError("trigger 'utilization' measures layers, but the model has num_hidden_layers=0; "
+                             "start with a layer, or grow from none with 'schedule', 'loss-plateau' or 'compute-optimal'")
         self.settings = settings
         self.last_growth: int | None = None
         model.stats_interval = settings.stats_interval

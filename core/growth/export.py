@@ -76,9 +76,10 @@ def to_llama_config(
                 f"layer_num_attention_heads={config.layer_num_attention_heads}, "
                 f"layer_num_key_value_heads={config.layer_num_key_value_heads}; arbor.growth.export.to_llama pads them"
             )
-        if given is not None and given < max(values):
+        if given is not None and given < max(values, default=0):
             raise ValueError(f"{name}={given} is invalid: must be >= the largest layer's {max(values)}")
-        sizes[name] = values[0] if given is None else given
+        # No layers: no layer's size to copy, so Llama gets the size arbor's next layer would have.
+        sizes[name] = given if given is not None else values[0] if values else getattr(config, name)
     kwargs = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -114,8 +115,11 @@ def uniform_heads(config: ArborConfig) -> tuple[int, int]:
     smallest larger layout that divides it is taken.
     """
     hidden = config.hidden_size
-    kv_min = max(config.layer_num_key_value_heads)
-    g_min = max(q // kv for q, kv in zip(config.layer_num_attention_heads, config.layer_num_key_value_heads))
+    # A model without layers pads nothing: the heads its next layer would get stand in.
+    qs = config.layer_num_attention_heads or [config.num_attention_heads]
+    kvs = config.layer_num_key_value_heads or [config.num_key_value_heads]
+    kv_min = max(kvs)
+    g_min = max(q // kv for q, kv in zip(qs, kvs))
     for q in range(kv_min * g_min, hidden + 1):
         if hidden % q:
             continue
@@ -388,7 +392,7 @@ def to_llama(
     ids, mask = _probe(config, probe_input_ids, probe_attention_mask)
 
     # --- sizes every layer is padded to
-    ffn = max(config.layer_intermediate_sizes)
+    ffn = max(config.layer_intermediate_sizes, default=config.intermediate_size)
     heads, kv_heads = uniform_heads(config)
     padded = {}
     for name, values, target in (("intermediate_size", config.layer_intermediate_sizes, ffn),

@@ -151,8 +151,11 @@ def _fire(model, event: GrowthEvent, init: tuple[str, Any, Any] = ("zero", None,
     return event
 
 
-def _layer_list(model, layers) -> list[int]:
+def _layer_list(model, layers, axis: str) -> list[int]:
     n = model.config.num_hidden_layers
+    if n == 0:  # otherwise "all layers" would be none, and the step would grow nothing without a word
+        raise GrowthError(f"axis={axis!r} widens existing layers, but the model has num_hidden_layers=0; "
+                          "grow depth first")
     if layers is None:
         return list(range(n))
     layers = [layers] if isinstance(layers, int) else list(layers)
@@ -185,6 +188,9 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
         raise GrowthError(
             f"inserting {len(positions)} layers into {n} exceeds max_layers={config.max_layers}"
         )
+    if n == 0 and getattr(scheme[1], "copies_layers", False):
+        raise GrowthError(f"init={scheme[0]!r} builds new layers from existing ones, but the model has "
+                          "num_hidden_layers=0; grow from no layers with an init that needs none, e.g. 'zero'")
     old_names = {id(p): name for name, p in model.named_parameters()}
     first = stack[0] if n else None
     new_layers: list[nn.Module] = []
@@ -219,9 +225,9 @@ def insert_layers(model, positions: list[int], *, init: Any = "zero", init_setti
             layer.mlp.down_proj.weight.zero_()
         layers[i] = layer
         new_layers.append(layer)
+    for layer in new_layers:  # a trainable stack (or model, when it has no layers) gets trainable new layers
+        layer.train(first.training if first is not None else model.training)
     if first is not None:
-        for layer in new_layers:  # a trainable stack gets trainable new layers, and vice versa
-            layer.train(first.training)
         compat.copy_checkpointing(first, new_layers)  # and checkpointing, when the stack has it
     model.model.layers = nn.ModuleList(layers)
     for i, layer in enumerate(model.model.layers):
@@ -246,7 +252,7 @@ def widen_mlp(model, intermediate_size: int, layers=None, *, init: Any = "zero",
     """
     scheme = resolve_init(init, "ffn", init_settings)
     config = model.config
-    idx = _layer_list(model, layers)
+    idx = _layer_list(model, layers, "ffn")
     if not isinstance(intermediate_size, int) or intermediate_size < 1:
         raise GrowthError(f"intermediate_size={intermediate_size!r} is invalid: must be a positive integer")
     too_wide = [i for i in idx if config.layer_intermediate_sizes[i] > intermediate_size]
@@ -307,7 +313,7 @@ def add_heads(model, num_attention_heads: int, num_key_value_heads: int | None =
     """
     scheme = resolve_init(init, "heads", init_settings)
     config = model.config
-    idx = _layer_list(model, layers)
+    idx = _layer_list(model, layers, "heads")
     event = GrowthEvent(axis="heads", layers=[])
     std = _std(model)
     hd = config.head_dim

@@ -166,6 +166,9 @@ class GrowthStep:
         if spec.axis == "depth":
             policy = spec.policy if spec.policy_settings is None else (spec.policy, spec.policy_settings)
             return Operation("depth", spec.num_layers, positions=spec.positions, policy=policy, **common)
+        if spec.axis in ("ffn", "heads") and config.num_hidden_layers == 0:
+            raise GrowthError(f"growth.axis={spec.axis!r} widens existing layers, but the model has "
+                              "num_hidden_layers=0; grow depth first")
         if spec.axis == "ffn":
             idx = _valid_layers(config, spec.layers if spec.layers is not None else range(config.num_hidden_layers))
             widest = max(config.layer_intermediate_sizes[i] for i in idx)

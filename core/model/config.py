@@ -239,7 +239,7 @@ class ArborConfig(PreTrainedConfig):
         hidden_size: width of the residual stream (d_model).
         intermediate_size: FFN width of new layers (and of every layer when
             `layer_intermediate_sizes` is not given).
-        num_hidden_layers: number of decoder blocks.
+        num_hidden_layers: number of decoder blocks; 0 leaves embeddings, final norm and LM head.
         num_attention_heads / num_key_value_heads: query and key/value heads of
             new layers; kv heads must divide query heads (grouped-query attention).
         head_dim: size of one head. Explicit, so the hidden size can grow while
@@ -403,14 +403,15 @@ class ArborConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ checks
     def _check_scalars(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
             _positive_int(name, getattr(self, name))
+        # Zero layers is a model too (embeddings, final norm, LM head): the start of growth from nothing.
+        _int_at_least("num_hidden_layers", self.num_hidden_layers, 0)
         for name in ("num_key_value_heads", "head_dim", "max_layers"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_int("max_position_embeddings", self.max_position_embeddings)
-        if not isinstance(self.min_layers, int) or isinstance(self.min_layers, bool) or self.min_layers < 1:
-            raise ArborConfigError("min_layers", self.min_layers, "must be an integer >= 1")
+        _int_at_least("min_layers", self.min_layers, 0)
         # A string or a boolean here is a typo (rms_norm_eps = "1e-5", tie_word_embeddings = "false" reads
         # as true): refused, not compared or taken for its truth value.
         _real("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "a finite number > 0")
@@ -543,6 +544,11 @@ def _unknown_key_error(unknown: list[str], kwargs: dict[str, Any]) -> ArborConfi
 def _real(field: str, value: Any, ok: Any, allowed: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ArborConfigError(field, value, f"must be {allowed}")
+
+
+def _int_at_least(field: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ArborConfigError(field, value, f"must be an integer >= {low}")
 
 
 def _positive_int(field: str, value: Any) -> None:
