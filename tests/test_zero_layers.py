@@ -83,6 +83,7 @@ def test_forward_is_head_of_normed_embedding_and_generate_agrees_with_and_withou
     assert (out - expected).abs().max().item() <= 1e-6
     cached, uncached = greedy(model, ids, mask), greedy(model, ids, mask, use_cache=False)
     assert cached.shape == (2, 12) and torch.equal(cached, uncached)
+    assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), cached)
     # No layer mixes positions, so each next token depends on the last token only.
     last = logits(model, cached[:, -2:-1], torch.ones(2, 1, dtype=torch.long))[:, -1].argmax(-1)
     assert torch.equal(last, cached[:, -1])
