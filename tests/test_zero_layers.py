@@ -239,3 +239,18 @@ def test_one_layer_grows_to_four_in_one_exact_step():
     assert model.config.num_hidden_layers == 4 and len(event.layers) == 3
     assert (logits(model, ids, mask) - before).abs().max().item() <= 1e-5
     assert torch.equal(greedy(model, ids, mask), before_greedy)
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    (["--set", "growth.init=stack"], "growth.init='stack': builds new layers from existing ones"),
+    (["--set", 'growth.step={"axis": "ffn", "factor": 2}'], "growth.step.axis='ffn': the model starts with no layers"),
+])
+def test_a_start_from_no_layers_that_cannot_grow_is_refused_by_the_check(tmp_path, capsys, settings, fragment):
+    from arbor.cli import main
+
+    argv = ["train", "--check", "--out", str(tmp_path / "run"), "--set", "model.preset=tiny",
+            "--set", "model.num_hidden_layers=0", *settings]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert main(argv[:-2]) == 0  # the zero init from no layers is fine

@@ -28,7 +28,7 @@ from arbor.plugins.selection import validate_component_settings
 from arbor.training.card_config import settings_problems
 from arbor.training.config import TrainConfig, trigger_choice
 from arbor.training.data import NAMED_CORPORA
-from arbor_plugins import Substrate, UserError
+from arbor_plugins import DEFAULTS, Substrate, UserError
 from arbor_plugins.settings import describe_validation_error
 
 __all__ = ["BPE_MIN_VOCAB", "RunCheckError", "check_model_settings", "check_run", "validate_run_settings"]
@@ -213,6 +213,10 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_c
         else:
             if model_config is not None:
                 problems += _check_step_layers(spec, model_config.num_hidden_layers)
+            if model_config is not None and model_config.num_hidden_layers == 0 and g.enabled:
+                problems += _check_first_step_from_nothing(spec.axis, spec.init or g.init, selection)
+    elif model_config is not None and model_config.num_hidden_layers == 0 and g.enabled:
+        problems += _check_first_step_from_nothing("depth", g.init, selection)  # the default step adds depth
     roles = [("trigger", trigger, trigger_settings, "growth.trigger"),
              ("init_scheme", g.init, None, "growth.init"),
              ("insertion_policy", g.insertion_policy, None, "growth.insertion_policy"),
@@ -240,6 +244,22 @@ def _check_growth(config: Any, selection: Any, resolved: dict[str, Any], model_c
     if model_config is not None and g.enabled and not problems:
         problems += _check_depth_budget(config, selection, trigger, trigger_settings, model_config)
     return problems
+
+
+def _check_first_step_from_nothing(axis: str, init: str | None, selection: Any) -> list[str]:
+    """A model that starts with no layers can only grow depth first, with an init that needs no layer to copy
+    (stages that change the step or the init later are not followed here)."""
+    if axis in ("ffn", "heads"):
+        return [f"growth.step.axis={axis!r}: the model starts with no layers (model.num_hidden_layers=0), "
+                "so its first step must add depth (axis 'depth') or hidden size"]
+    if axis != "depth":
+        return []
+    name = init or (selection.name("init_scheme") if selection is not None else None) or DEFAULTS["init_scheme"]
+    registry = get_registry()
+    if registry.has("init_scheme", name) and getattr(unwrap(registry.get("init_scheme", name)), "copies_layers", False):
+        return [f"growth.init={name!r}: builds new layers from existing ones, but the model starts with no layers "
+                "(model.num_hidden_layers=0); choose an init that needs none, e.g. 'zero'"]
+    return []
 
 
 def _check_step_layers(spec: Any, n: int) -> list[str]:
