@@ -359,8 +359,8 @@ def _type_hint(error: dict[str, Any]) -> str:
     if error["type"] == "bool_type" and value.lower() in ("true", "false"):
         return f": write {value.lower()} without quotes"
     if error["type"] in ("float_type", "int_type") and _number(value) != value:
-        # YAML 1.1 reads 2e-5 (no dot) as text; a quoted number is text in every format.
-        return ": write it as a number without quotes, in YAML with a dot and a signed exponent (2.0e-5)"
+        # A quoted number is text in every format (arbor's YAML reader takes 2e-5 unquoted as a number).
+        return ": write it as a number without quotes"
     return ""
 
 
