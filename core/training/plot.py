@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from arbor.training.textfiles import decode_line
+from arbor.training.textfiles import log_lines
 
 
 class PlotError(ValueError):
@@ -26,18 +26,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path}: no such file; give the --out directory of an 'arbor train' run")
     records = []
-    # Lines are split as bytes and decoded one by one, so a byte that is not UTF-8 is named by its line.
-    lines = path.read_bytes().splitlines()
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
+    # Only the last line may be cut short by a crash (inside a character too: `log_lines` drops it then).
+    for number, line, last in log_lines(path, error=PlotError):
+        if not line.strip():
             continue
-        # Only the last line may be cut short by a crash, possibly inside a multi-byte character.
-        last = number == len(lines)
         try:
-            records.append(json.loads(decode_line(path, number, raw, error=PlotError)))
-        except PlotError:
-            if not last:
-                raise
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             if not last:
                 raise PlotError(f"{path}:{number}: not valid JSON") from None

@@ -75,12 +75,28 @@ def utf8_lines(path: str | Path, *, error: type[Exception] = ValueError) -> Iter
             yield number, decode_line(path, number, raw, error=error).rstrip("\r\n")
 
 
+def log_lines(path: str | Path, *, error: type[Exception] = ValueError) -> Iterator[tuple[int, str, bool]]:
+    """(line number from 1, text, whether it is the last line) for each line of a log that a crash may
+    have cut short, such as ``metrics.jsonl``: a last line cut inside a character is dropped, a byte
+    that is not UTF-8 on any other line raises ``error`` naming the file, line and column."""
+    path = Path(path)
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        try:
+            text = decode_line(path, number, raw, error=error)
+        except error:
+            if not last:
+                raise
+            return
+        yield number, text, last
+
+
 def decode_line(path: str | Path, number: int, raw: bytes, *, error: type[Exception] = ValueError) -> str:
     """Line ``number`` (from 1) of the file ``path``, read as the bytes ``raw``, decoded as strict UTF-8;
     an invalid byte raises ``error`` naming the file, the line and the column.
 
-    For readers that split a file's bytes into lines themselves, such as those of ``metrics.jsonl``,
-    where the last line may have been cut inside a character by a crash and is dropped, not refused.
+    For readers that split a file's bytes into lines themselves, such as `log_lines`.
     """
     try:
         return raw.decode("utf-8")

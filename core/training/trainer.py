@@ -72,7 +72,7 @@ from arbor.training.stages import (
     stage_label,
     trainable_parts,
 )
-from arbor.training.textfiles import decode_line
+from arbor.training.textfiles import log_lines
 from arbor.training.tokenizer import encode
 from arbor_plugins import Decision, TriggerState
 
@@ -515,14 +515,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    lines = path.read_bytes().splitlines()
-    for number, raw in enumerate(lines, start=1):
-        try:
-            line = decode_line(path, number, raw)  # a byte that is not UTF-8: an error naming the file and line
-        except ValueError:
-            if number == len(lines):  # a crash may cut the last line inside a multi-byte character
-                continue
-            raise
+    for _, line, _ in log_lines(path):  # a byte that is not UTF-8 is an error naming the file and line
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
