@@ -50,3 +50,30 @@ def fresh_plugins(monkeypatch):
     reset_plugins()
     yield
     reset_plugins()
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, fresh_plugins):
+    """``install(dist, code, **kw)``: a fake plugin distribution (`test_plugins.make_dist`) on sys.path,
+    found by the next plugin load; its module leaves sys.modules afterwards."""
+    import importlib
+    import sys
+
+    from test_plugins import make_dist
+
+    from arbor.plugins import reset_plugins
+
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    written: list[str] = []
+
+    def install(dist, code, **kw):
+        written.append(make_dist(root, dist, code, **kw))
+        importlib.invalidate_caches()
+        reset_plugins()
+        return root
+
+    yield install
+    for module in written:  # the same module name may be reused by the next test
+        sys.modules.pop(module, None)

@@ -177,22 +177,10 @@ def test_a_run_whose_loss_becomes_infinite_stops_with_its_checkpoint_intact(tmp_
 
 
 @pytest.fixture
-def faulty_plugin(tmp_path, monkeypatch, fresh_plugins):
-    import importlib
-    import sys
+def faulty_plugin(site):
+    from test_plugins import FAULTY_PLUGIN
 
-    from test_plugins import FAULTY_PLUGIN, make_dist
-
-    from arbor.plugins import reset_plugins
-
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    module = make_dist(root, "faultyplug", FAULTY_PLUGIN, version="0.3")
-    importlib.invalidate_caches()
-    reset_plugins()
-    yield
-    sys.modules.pop(module, None)
+    site("faultyplug", FAULTY_PLUGIN, version="0.3")
 
 
 PLUGIN_CASES = [

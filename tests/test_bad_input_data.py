@@ -190,26 +190,8 @@ def arbor_state_dict(model):
 
 
 @pytest.fixture
-def install(tmp_path, monkeypatch, fresh_plugins):
-    import importlib
-
-    from test_plugins import make_dist
-
-    from arbor.plugins import reset_plugins
-
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    written = []
-
-    def install(dist, code, version="0.3"):
-        written.append(make_dist(root, dist, code, version=version))
-        importlib.invalidate_caches()
-        reset_plugins()
-
-    yield install
-    for module in written:
-        sys.modules.pop(module, None)
+def install(site):
+    return lambda dist, code, version="0.3": site(dist, code, version=version)
 
 
 def test_a_state_dict_hook_returning_the_wrong_type_stops_the_run_naming_its_distribution(install, tmp_path):

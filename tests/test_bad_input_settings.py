@@ -279,22 +279,8 @@ def arbor_register(registry):
 
 
 @pytest.fixture
-def picky_plugin(tmp_path, monkeypatch, fresh_plugins):
-    import importlib
-    import sys
-
-    from test_plugins import make_dist
-
-    from arbor.plugins import reset_plugins
-
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    module = make_dist(root, "pickyplug", PICKY_PLUGIN, version="0.2")
-    importlib.invalidate_caches()
-    reset_plugins()
-    yield
-    sys.modules.pop(module, None)
+def picky_plugin(site):
+    site("pickyplug", PICKY_PLUGIN, version="0.2")
 
 
 def test_a_plugin_whose_settings_check_raises_is_named_in_one_line(picky_plugin, tmp_path, capsys):

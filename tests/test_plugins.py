@@ -7,7 +7,6 @@ entry-point path under test is the one ``pip install`` would create.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import textwrap
 import warnings
@@ -57,25 +56,6 @@ def make_dist(root, dist, code, *, module=None, entry_point=None, version="0.1")
 @pytest.fixture(autouse=True)
 def _fresh(fresh_plugins):
     """Every test starts and ends with no cached plugins and default environment."""
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A directory on sys.path to install fake plugin distributions into."""
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    written: list[str] = []
-
-    def install(dist, code, **kw):
-        written.append(make_dist(root, dist, code, **kw))
-        importlib.invalidate_caches()
-        reset_plugins()
-        return root
-
-    yield install
-    for module in written:  # the same module name may be reused by the next test
-        sys.modules.pop(module, None)
 
 
 def names(kind="attention_backend"):

@@ -108,8 +108,9 @@ def greedy(model, ids, mask, **kwargs) -> torch.Tensor:
         return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs)
 
 
-# Runs in a fresh interpreter: every arbor package is refused before anything is imported.
-LOADER = textwrap.dedent(r"""
+#: The start of a script for a fresh interpreter in which every arbor package is refused before
+#: anything is imported: what a machine without arbor installed sees.
+WITHOUT_ARBOR = textwrap.dedent(r"""
     import importlib.abc, json, sys
 
     HIDDEN = ("arbor", "arbor_plugins", "arbor_strategies", "arbor_substrates")
@@ -120,6 +121,9 @@ LOADER = textwrap.dedent(r"""
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     sys.meta_path.insert(0, Refuse())
+""")
+
+LOADER = WITHOUT_ARBOR + textwrap.dedent(r"""
     for name in HIDDEN:
         try:
             __import__(name)

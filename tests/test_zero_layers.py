@@ -21,6 +21,7 @@ from arbor.training.flops import forward_flops_per_token
 from arbor.training.trainer import Trainer
 from arbor_plugins.growth import GrowthError
 from arbor.plugins.selection import Selection
+from test_remote_code import WITHOUT_ARBOR
 
 VOCAB, HIDDEN = 64, 32
 
@@ -124,17 +125,7 @@ def test_utilization_trigger_refuses_a_model_without_layers():
 
 
 # ----------------------------------------------------------------------------- (c) save / load
-LOADER = textwrap.dedent(r"""
-    import importlib.abc, sys
-
-    HIDDEN = ("arbor", "arbor_plugins", "arbor_strategies", "arbor_substrates")
-
-    class Refuse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in HIDDEN:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    sys.meta_path.insert(0, Refuse())
+LOADER = WITHOUT_ARBOR + textwrap.dedent(r"""
     import torch
     from transformers import AutoModelForCausalLM
 
